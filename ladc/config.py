@@ -1,0 +1,68 @@
+"""YAML experiment configs (experiments/<dataset>.yaml) with command-line overrides.
+
+A config has sections `data`, `stage1`, `stage2`, `tune`. Overrides are `section.key=value`
+strings (values parsed as YAML, so `2`, `0.1`, `[24, 27]`, `true` work).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+from .errors import LadcError
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTS = ROOT / "experiments"
+SECTIONS = ("data", "stage1", "stage2", "tune")
+
+
+def config_path(dataset: str) -> Path:
+    return EXPERIMENTS / f"{dataset}.yaml"
+
+
+def load_config(dataset: str | None = None, path: str | Path | None = None) -> dict:
+    """Load `path`, or the default config of `dataset` (experiments/<dataset>.yaml)."""
+    if path is None:
+        if dataset is None:
+            raise LadcError("no dataset given: pass --dataset NAME or --config FILE")
+        path = config_path(dataset)
+        if not path.exists():
+            known = sorted(p.stem for p in EXPERIMENTS.glob("*.yaml"))
+            raise LadcError(f"unknown dataset '{dataset}': choose one of {', '.join(known)} "
+                            f"(or pass --config FILE)")
+    path = Path(path)
+    if not path.exists():
+        raise LadcError(f"config file {path} does not exist: pass an existing YAML file to --config")
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    for s in SECTIONS:
+        cfg.setdefault(s, {})
+    if dataset is not None:
+        cfg["data"]["dataset"] = dataset
+    return cfg
+
+
+def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
+    """Return a copy of cfg with `section.key=value` overrides applied; unknown keys are errors."""
+    cfg = copy.deepcopy(cfg)
+    for item in overrides or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise LadcError(f"bad override '{item}': write it as section.key=value, e.g. stage1.epochs=2")
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        if section not in cfg:
+            raise LadcError(f"bad override '{item}': section must be one of {', '.join(SECTIONS)}")
+        if name not in cfg[section]:
+            raise LadcError(f"unknown setting '{key}': known {section} settings are "
+                            f"{', '.join(sorted(cfg[section]))}")
+        cfg[section][name] = yaml.safe_load(value)
+    return cfg
+
+
+def set_if_given(section: dict, **values) -> None:
+    """Copy the CLI values that were given (not None) into a config section."""
+    for k, v in values.items():
+        if v is not None:
+            section[k] = v

@@ -1,0 +1,175 @@
+"""A tracked stage-2 run: features from the cache, a fit, and everything logged to MLflow."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import torch
+from mlflow.entities import Metric
+
+from . import tracking
+from .features import DEFAULT_CACHE, FeatureSet, get_features, require_features
+from .metrics import flat_metrics
+from .models import ImageClassifier
+from .stage1 import download_checkpoint, model_from_checkpoint, pick_device
+from .stage2 import fit_stage2, validate_stage2
+
+
+def load_backbone_features(backbone_run: str, data_root: str | None = None, cache_dir=DEFAULT_CACHE,
+                           device: str | None = None):
+    """(checkpoint, data config, FeatureSet on the device) for a stage-1 run."""
+    tracking.setup_tracking()
+    ckpt = download_checkpoint(backbone_run)
+    data_cfg = json.loads(ckpt["config"])["data"]
+    if data_root:
+        data_cfg["data_root"] = data_root
+    dev = pick_device(device)
+    fs = require_features(get_features(ckpt, data_cfg, cache_dir, dev))
+    fs.check_finite()
+    return ckpt, data_cfg, fs.to(dev)
+
+
+def run_name(p: dict) -> str:
+    name = f"stage2-{p['method']}-{p['classifier']}"
+    if p["method"] in ("ladc", "ladc_avg"):
+        name += f"-m{p['m']}-a{p['alpha']:.3g}-b{p['beta']:.3g}-t{p['tau']:.3g}"
+    return name
+
+
+def log_history(run_id: str, history: list[dict]) -> None:
+    """Per-epoch curves in one batched call (one round-trip instead of one per epoch)."""
+    ts = int(time.time() * 1000)
+    metrics = [Metric(f"stage2_{k}", float(rec[k]), ts, rec["epoch"]) for rec in history
+               for k in ("loss", "val_top1", "lr")]
+    for i in range(0, len(metrics), 1000):
+        mlflow.tracking.MlflowClient().log_batch(run_id, metrics=metrics[i:i + 1000], synchronous=True)
+
+
+def log_results(reports: dict, fs: FeatureSet, plots: bool = True) -> None:
+    from . import plots as P
+
+    counts = fs.counts.tolist()
+    table = pd.DataFrame({"class": fs.classes, "train_count": counts})
+    for split, rep in reports.items():
+        table[f"{split}_acc"] = rep["per_class"].tolist()
+    with tempfile.TemporaryDirectory() as d:
+        table.to_csv(Path(d) / "per_class_accuracy.csv", index=False)
+        mlflow.log_artifact(str(Path(d) / "per_class_accuracy.csv"), "results")
+    if plots:
+        mlflow.log_figure(P.confusion_figure(reports["test"]["confusion"], fs.classes,
+                                             "test confusion matrix (row-normalised, %)"), "plots/confusion_test.png")
+        mlflow.log_figure(P.per_class_figure({s: r["per_class"] for s, r in reports.items()}, counts, fs.classes),
+                          "plots/per_class_accuracy.png")
+
+
+def classifier_model(ckpt: dict, head, fs: FeatureSet) -> ImageClassifier:
+    return ImageClassifier(model_from_checkpoint(ckpt), head.cpu(), fs.meta["mean"], fs.meta["std"]).eval()
+
+
+def log_model(ckpt: dict, head, fs: FeatureSet, p: dict, registered_model_name: str | None = None):
+    from .serving import log_classifier
+
+    model = classifier_model(ckpt, head, fs)
+    shape = fs.meta.get("image_shape", [3, 32, 32])
+    example = torch.randint(0, 256, (2, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return log_classifier(model, ckpt["backbone"], p["classifier"], fs.classes, example,
+                          registered_model_name=registered_model_name)
+
+
+def run_stage2(backbone_run: str, p: dict, *, fs: FeatureSet | None = None, ckpt: dict | None = None,
+               data_cfg: dict | None = None, data_root: str | None = None, cache_dir=DEFAULT_CACHE,
+               parent_run_id: str | None = None, name: str | None = None, tags: dict | None = None,
+               plots: bool = True, model: bool = True, on_epoch=None, progress: bool = True):
+    """Fit one stage-2 configuration as an MLflow run (child of `parent_run_id` when given).
+    Returns (run_id, reports, history, info, head)."""
+    validate_stage2(p)
+    if fs is None:
+        ckpt, data_cfg, fs = load_backbone_features(backbone_run, data_root, cache_dir, p.get("device"))
+    dataset = data_cfg["dataset"]
+    all_tags = {"stage": "stage2", "dataset": dataset, "method": p["method"], "classifier": p["classifier"],
+                "backbone_run_id": backbone_run, "feature_cache_key": fs.meta.get("key", ""),
+                **tracking.environment_tags(fs.x["train"].device), **(tags or {})}
+    with tracking.tracked_run(name or run_name(p), experiment=tracking.experiment_id(dataset), tags=all_tags,
+                              nested=parent_run_id is not None, parent_run_id=parent_run_id) as run:
+        mlflow.log_params({**{f"stage2.{k}": v for k, v in tracking.flatten(p).items()},
+                           "m": p["m"], "alpha": p["alpha"], "beta": p["beta"], "tau": p["tau"],
+                           "data.dataset": dataset, "data.imbalance_factor": data_cfg.get("imbalance_factor"),
+                           "data.seed": data_cfg.get("seed"), "data.train_counts": str(fs.counts.tolist()),
+                           "feature_cache": fs.path})
+        head, history, reports, info = fit_stage2(fs, p, on_epoch=on_epoch, log=print if progress else (lambda *a: None))
+        log_history(run.info.run_id, history)
+        final = {**flat_metrics(reports["val"], "val"), **flat_metrics(reports["test"], "test"),
+                 "fit_seconds": info["fit_seconds"], "num_head_classes": info["num_head_classes"]}
+        mlflow.log_metrics(final)
+        mlflow.set_tags({"method_used": info["method_used"], "head_classes": str(info["head_classes"])})
+        if plots:
+            log_results(reports, fs)
+        if model:
+            with tempfile.TemporaryDirectory() as d:
+                torch.save({"head": head.state_dict(), "classifier": p["classifier"],
+                            "config": json.dumps(p)}, Path(d) / "head.pt")
+                mlflow.log_artifact(str(Path(d) / "head.pt"), "checkpoints")
+            log_model(ckpt, head, fs, p)
+        return run.info.run_id, reports, history, info, head
+
+
+TABLE_ROWS = [
+    ("CE", "ce", "stage1", {}),
+    ("CBS + cRT", "cbs", "crt", {}),
+    ("CBS + LWS", "cbs", "lws", {}),
+    ("CBS + LWS-Plus", "cbs", "lws_plus", {}),
+    ("LAS + cRT", "las", "crt", {}),
+    ("DC + LWS-Plus", "dc", "lws_plus", {}),
+    ("LADC_avg + LWS-Plus", "ladc_avg", "lws_plus", {}),
+    ("LADC + LWS", "ladc", "lws", {}),
+    ("LADC + LWS-Plus", "ladc", "lws_plus", {}),
+    ("LADC + LWS-Plus, eq.6 inverse weighting", "ladc", "lws_plus", {"weighting": "inverse"}),
+    ("LADC + LWS-Plus, eq.6 paper weighting", "ladc", "lws_plus", {"weighting": "paper"}),
+    ("LADC + LWS-Plus, eq.13 paper (class) reading", "ladc", "lws_plus", {"sampling": "paper"}),
+    ("LADC + LWS-Plus, eq.13 instance reading", "ladc", "lws_plus", {"sampling": "instance"}),
+]
+
+
+def run_table(backbone_run: str, p: dict, data_root: str | None = None, cache_dir=DEFAULT_CACHE,
+              seeds: list[int] = (0,), out: str | None = None) -> pd.DataFrame:
+    """Every method of the paper's tables on one backbone, each an MLflow child run of one parent run.
+    Returns (and writes to `out` as CSV and Markdown) test/val top-1 and many/medium/few, mean over seeds."""
+    ckpt, data_cfg, fs = load_backbone_features(backbone_run, data_root, cache_dir, p.get("device"))
+    rows = []
+    with tracking.tracked_run(f"table-{data_cfg['dataset']}", experiment=tracking.experiment_id(data_cfg["dataset"]),
+                              tags={"stage": "table", "dataset": data_cfg["dataset"],
+                                    "backbone_run_id": backbone_run}) as parent:
+        for label, method, clf, extra in TABLE_ROWS:
+            for seed in seeds:
+                q = {**p, "method": method, "classifier": clf, **extra, "seed": seed}
+                _, reports, _, info, _ = run_stage2(backbone_run, q, fs=fs, ckpt=ckpt, data_cfg=data_cfg,
+                                                    parent_run_id=parent.info.run_id, name=f"{label} s{seed}",
+                                                    plots=False, model=False, progress=False)
+                rows.append({"row": label, "method": method, "classifier": clf, "seed": seed,
+                             **{f"{s}_{k}": reports[s][k] for s in ("val", "test")
+                                for k in ("top1", "many", "medium", "few")}})
+                print(f"{label:48s} seed {seed}  val {reports['val']['top1']:.2f}  test {reports['test']['top1']:.2f}")
+        df = pd.DataFrame(rows)
+        agg = df.drop(columns=["seed"]).groupby(["row", "method", "classifier"], sort=False).mean().reset_index()
+        if len(seeds) > 1:
+            std = df.groupby("row", sort=False)["test_top1"].std().reset_index(drop=True)
+            agg["test_top1_std"] = std.values
+        with tempfile.TemporaryDirectory() as d:
+            agg.to_csv(Path(d) / "table.csv", index=False)
+            mlflow.log_artifact(str(Path(d) / "table.csv"), "results")
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            agg.to_csv(out, index=False)
+            Path(out).with_suffix(".md").write_text(markdown_table(agg))
+    return agg
+
+
+def markdown_table(df: pd.DataFrame, digits: int = 2) -> str:
+    cells = [[f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in row] for row in df.itertuples(index=False)]
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in cells]) + "\n"

@@ -1,0 +1,123 @@
+"""MLflow plumbing: the default store under mlruns/, experiments per dataset, runs that always end
+FINISHED, FAILED or KILLED, and the environment/code version every run records."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import signal
+import subprocess
+from pathlib import Path
+
+import mlflow
+
+from . import __version__
+from .config import ROOT
+
+MLRUNS = Path(os.environ.get("LADC_MLRUNS", Path.cwd() / "mlruns"))
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{(MLRUNS / 'mlflow.db').resolve()}"
+
+
+def setup_tracking() -> str:
+    """Use $MLFLOW_TRACKING_URI when set, else the sqlite store mlruns/mlflow.db (artifacts in
+    mlruns/artifacts). Returns the URI in use."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def _artifact_root(uri: str) -> str | None:
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
+    return None  # a server or other store decides
+
+
+def experiment_id(dataset: str) -> str:
+    """The MLflow experiment of a dataset ('ladc-<dataset>'), created on first use."""
+    uri = mlflow.get_tracking_uri()
+    name = f"ladc-{dataset}"
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    root = _artifact_root(uri)
+    try:
+        return mlflow.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+    except mlflow.exceptions.MlflowException:  # created meanwhile by another process
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def code_version() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        if sha:
+            return sha + ("-dirty" if dirty else "")
+    except Exception:
+        pass
+    return f"v{__version__}"
+
+
+def environment_tags(device) -> dict[str, str]:
+    import torch
+
+    tags = {"code_version": code_version(), "ladc_version": __version__, "python": platform.python_version(),
+            "torch": torch.__version__, "mlflow": mlflow.__version__, "device": str(device),
+            "host": platform.node()}
+    if torch.cuda.is_available():
+        tags["gpu"] = torch.cuda.get_device_name(0)
+    return tags
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v if not isinstance(v, (list, tuple)) else str(list(v))
+    return out
+
+
+@contextlib.contextmanager
+def tracked_run(run_name: str | None = None, experiment: str | None = None, run_id: str | None = None,
+                tags: dict | None = None, nested: bool = False, parent_run_id: str | None = None):
+    """Start (or resume by run_id) an MLflow run that ends FINISHED on success, KILLED on Ctrl-C or
+    SIGTERM, FAILED on any other exception."""
+    kwargs = dict(run_id=run_id) if run_id else dict(run_name=run_name, experiment_id=experiment)
+    if parent_run_id:
+        kwargs["parent_run_id"] = parent_run_id
+    run = mlflow.start_run(nested=nested, tags=tags if not run_id else None, **kwargs)
+    if run_id and tags:
+        mlflow.set_tags(tags)
+    old = None
+    if not nested:
+        def on_term(signum, frame):
+            raise KeyboardInterrupt(f"signal {signum}")
+        try:
+            old = signal.signal(signal.SIGTERM, on_term)
+        except ValueError:  # not the main thread
+            old = None
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)

@@ -7,6 +7,7 @@ frozen features), or both. Every run is tracked in MLflow (default store: mlruns
   python train.py stage2 --backbone-run RUN_ID --method ladc --classifier lws_plus
   python train.py table  --backbone-run RUN_ID          # every method of the paper's tables
   python train.py all    --dataset cifar10_lt --epochs 30
+  python train.py runs   --stage stage1                # run ids, newest first
 """
 
 from __future__ import annotations
@@ -29,6 +30,17 @@ def cmd_stage1(args) -> None:
     print(f"stage-1 run {run_id} finished")
 
 
+def cmd_runs(args) -> None:
+    import pandas as pd
+
+    from ladc.tracking import list_runs, setup_tracking
+
+    print(f"tracking store: {setup_tracking()}")
+    df = list_runs(args.dataset, args.stage, args.n)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(df.to_string(index=False) if not df.empty else "no runs")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -38,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     s1.add_argument("--resume", metavar="RUN_ID", help="continue a killed stage-1 run from its last checkpoint")
     s1.set_defaults(func=cmd_stage1)
     cli_stage2.add_commands(sub, add_data_args, add_stage1_args)
+    rl = sub.add_parser("runs", help="list recent runs and their ids")
+    rl.add_argument("--dataset")
+    rl.add_argument("--stage", help="stage1 | stage2 | table | study | trial")
+    rl.add_argument("-n", type=int, default=20)
+    rl.set_defaults(func=cmd_runs)
     return p
 
 

@@ -33,12 +33,13 @@ def class_statistics(features: torch.Tensor, labels: torch.Tensor, num_classes: 
 
 def head_classes(counts, head_fraction: float = 0.6) -> torch.Tensor:
     """The most frequent classes that together hold at least `head_fraction` of the training
-    instances (Implementation Details), as sorted class indices. The rest are tail classes."""
+    instances (Implementation Details), as sorted class indices. The rest are tail classes. Classes tied
+    with the last head class in count are head too, so a balanced set (IF = 1) has no tail class."""
     counts = torch.as_tensor(counts)
     order = torch.argsort(-counts, stable=True)
     cum = torch.cumsum(counts[order], 0).double()
-    k = int(torch.searchsorted(cum, head_fraction * float(counts.sum()) - 1e-9)) + 1
-    return torch.sort(order[:min(k, len(counts))]).values
+    k = min(int(torch.searchsorted(cum, head_fraction * float(counts.sum()) - 1e-9)) + 1, len(counts))
+    return torch.nonzero(counts >= counts[order[k - 1]]).flatten()
 
 
 def neighbour_weights(features: torch.Tensor, head_means: torch.Tensor, head_counts: torch.Tensor, m: int,

@@ -134,7 +134,7 @@ def _decode_files(paths: list[Path], image_size: int | None) -> torch.Tensor:
                 w, h = im.size
                 l, t = (w - image_size) // 2, (h - image_size) // 2
                 im = im.crop((l, t, l + image_size, t + image_size))
-            arr = np.asarray(im)
+            arr = np.array(im)
         if out is None:
             out = torch.empty((len(paths), 3, arr.shape[0], arr.shape[1]), dtype=torch.uint8)
         check(arr.shape[:2] == tuple(out.shape[2:]),

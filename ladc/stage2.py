@@ -81,6 +81,14 @@ def validate_stage2(p: dict, num_heads: int | None = None) -> None:
     check(0 < p["dc_tukey"] <= 1, f"dc_tukey {p['dc_tukey']} must be in (0, 1]")
 
 
+def validate_for_features(p: dict, counts) -> None:
+    """Checks that need the data: m against the number of head classes (when there is a tail)."""
+    validate_stage2(p)
+    head = cal.head_classes(torch.as_tensor(counts).cpu(), p["head_fraction"])
+    if p["method"] in CALIBRATED and len(head) < int((torch.as_tensor(counts) > 0).sum()):
+        validate_stage2(p, len(head))
+
+
 def las_epsilons(counts: torch.Tensor, eps_head: float, eps_tail: float) -> torch.Tensor:
     """MiSLAS: eps_i = eps_tail + (eps_head - eps_tail) sin((n_i - n_K) pi / (2 (n_1 - n_K)))."""
     n = counts.double()

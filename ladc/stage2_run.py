@@ -17,7 +17,7 @@ from .features import DEFAULT_CACHE, FeatureSet, get_features, require_features
 from .metrics import flat_metrics
 from .models import ImageClassifier
 from .stage1 import download_checkpoint, model_from_checkpoint, pick_device
-from .stage2 import fit_stage2, validate_stage2
+from .stage2 import fit_stage2, validate_for_features, validate_stage2
 
 
 def load_backbone_features(backbone_run: str, data_root: str | None = None, cache_dir=DEFAULT_CACHE,
@@ -90,6 +90,7 @@ def run_stage2(backbone_run: str, p: dict, *, fs: FeatureSet | None = None, ckpt
     validate_stage2(p)
     if fs is None:
         ckpt, data_cfg, fs = load_backbone_features(backbone_run, data_root, cache_dir, p.get("device"))
+    validate_for_features(p, fs.counts)
     dataset = data_cfg["dataset"]
     all_tags = {"stage": "stage2", "dataset": dataset, "method": p["method"], "classifier": p["classifier"],
                 "backbone_run_id": backbone_run, "feature_cache_key": fs.meta.get("key", ""),

@@ -4,6 +4,7 @@ FINISHED, FAILED or KILLED, and the environment/code version every run records."
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import platform
 import signal
@@ -26,6 +27,8 @@ def setup_tracking() -> str:
     """Use $MLFLOW_TRACKING_URI when set, else the sqlite store mlruns/mlflow.db (artifacts in
     mlruns/artifacts). Returns the URI in use."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("mlflow.store.db.utils", "alembic.runtime.migration", "mlflow.tracking.fluent"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
@@ -121,3 +124,18 @@ def tracked_run(run_name: str | None = None, experiment: str | None = None, run_
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
+
+
+def list_runs(dataset: str | None = None, stage: str | None = None, max_results: int = 20):
+    """A pandas table of recent ladc runs (newest first) for the terminal."""
+    filters = [f"tags.stage = '{stage}'"] if stage else []
+    if dataset:
+        filters.append(f"tags.dataset = '{dataset}'")
+    df = mlflow.search_runs(search_all_experiments=True, filter_string=" and ".join(filters),
+                            order_by=["attributes.start_time DESC"], max_results=max_results)
+    if df.empty:
+        return df
+    cols = ["run_id", "tags.mlflow.runName", "status", "tags.stage", "tags.dataset", "metrics.val_top1",
+            "metrics.test_top1", "start_time"]
+    df = df[[c for c in cols if c in df.columns]]
+    return df.rename(columns=lambda c: c.split(".")[-1] if c != "tags.mlflow.runName" else "name")

@@ -57,8 +57,19 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
         if name not in cfg[section]:
             raise LadcError(f"unknown setting '{key}': known {section} settings are "
                             f"{', '.join(sorted(cfg[section]))}")
-        cfg[section][name] = yaml.safe_load(value)
+        cfg[section][name] = _parse(value)
     return cfg
+
+
+def _parse(value: str):
+    """YAML scalar/list, with YAML 1.1's dot-less exponents (1e-5) read as numbers too."""
+    v = yaml.safe_load(value)
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
 
 
 def set_if_given(section: dict, **values) -> None:

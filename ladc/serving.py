@@ -15,7 +15,6 @@ import torch
 from .models import ImageClassifier, create_model
 from .stage2 import Head
 
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
 
 
 def build_classifier(state: dict) -> ImageClassifier:
@@ -72,8 +71,10 @@ def log_classifier(model: ImageClassifier, backbone_name: str, classifier: str, 
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "classifier.pt"
         save_classifier(path, model, backbone_name, classifier, classes)
-        return mlflow.pyfunc.log_model(
-            name=name, python_model=str(Path(__file__).with_name("pyfunc_model.py")), artifacts={"classifier": str(path)},
-            code_paths=[str(Path(__file__).resolve().parent)], input_example=example_np, signature=signature,
-            registered_model_name=registered_model_name,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", f"mlflow=={mlflow.__version__}"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # MLflow's hint about type-hinted predict()
+            return mlflow.pyfunc.log_model(
+                name=name, python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+                artifacts={"classifier": str(path)}, code_paths=[str(Path(__file__).resolve().parent)],
+                input_example=example_np, signature=signature, registered_model_name=registered_model_name,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", f"mlflow=={mlflow.__version__}"])

@@ -74,6 +74,31 @@ def evaluate(model, data: LTData, device) -> dict:
     return reports
 
 
+def train_step(model, optimizer, xb, yb, counts, s: dict, randaug, mean, std, amp: bool):
+    """One stage-1 step on a uint8 batch: crop/flip, RandAugment, normalise, Remix, forward, backward, SGD.
+    Returns (loss, number of predictions matching the dominant label)."""
+    xb = augment.random_crop_flip(xb, padding=s["crop_padding"])
+    if randaug is not None:
+        xb = randaug(xb)
+    xb = augment.normalize(xb, mean, std)
+    if amp:
+        xb = xb.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(xb.device.type, dtype=torch.bfloat16, enabled=amp):
+        if s["remix"]:
+            xb, yi, yj, lam_y = augment.remix_batch(xb, yb, counts, s["remix_alpha"], s["remix_kappa"], s["remix_tau"])
+            logits = model(xb)
+            loss = augment.remix_loss(logits.float(), yi, yj, lam_y)
+            target = torch.where(lam_y >= 0.5, yi, yj)
+        else:
+            logits = model(xb)
+            loss = F.cross_entropy(logits.float(), yb)
+            target = yb
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), (logits.argmax(1) == target).sum()
+
+
 def save_checkpoint(path: Path, model, optimizer, epoch: int, cfg: dict, data: LTData) -> None:
     state = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
@@ -203,29 +228,10 @@ def train_stage1(cfg: dict, resume_run_id: str | None = None, data: LTData | Non
                 for g in optimizer.param_groups:
                     g["lr"] = lr_at(step, steps_per_epoch, s)
                 idx = perm[it * bs:(it + 1) * bs]
-                xb, yb = data.train_x[idx], data.train_y[idx]
-                xb = augment.random_crop_flip(xb, padding=s["crop_padding"])
-                if randaug is not None:
-                    xb = randaug(xb)
-                xb = augment.normalize(xb, data.mean, data.std)
-                if amp:
-                    xb = xb.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    if s["remix"]:
-                        xb, yi, yj, lam_y = augment.remix_batch(xb, yb, counts, s["remix_alpha"],
-                                                                s["remix_kappa"], s["remix_tau"])
-                        logits = model(xb)
-                        loss = augment.remix_loss(logits.float(), yi, yj, lam_y)
-                        target = torch.where(lam_y >= 0.5, yi, yj)
-                    else:
-                        logits = model(xb)
-                        loss = F.cross_entropy(logits.float(), yb)
-                        target = yb
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                loss, correct = train_step(model, optimizer, data.train_x[idx], data.train_y[idx], counts, s,
+                                           randaug, data.mean, data.std, amp)
                 tot_loss += loss.detach() * len(idx)
-                tot_correct += (logits.argmax(1) == target).sum()
+                tot_correct += correct
             if device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0

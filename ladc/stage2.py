@@ -233,7 +233,8 @@ def predict_head(head: Head, x: torch.Tensor, batch: int = 8192) -> torch.Tensor
 
 def fit_stage2(fs: FeatureSet, p: dict, on_epoch=None, log=print):
     """Train a stage-2 head on cached features. `on_epoch(epoch, metrics)` is called after every epoch
-    (validation accuracy for pruning; it may raise to stop). Returns (head, history, reports, info)."""
+    (validation accuracy for pruning); a true return value stops training there (info["stopped_at"]).
+    Returns (head, history, reports, info)."""
     validate_stage2(p)
     torch.manual_seed(int(p.get("seed", 0)))
     gen = torch.Generator(device=fs.x["train"].device).manual_seed(int(p.get("seed", 0)))
@@ -265,8 +266,9 @@ def fit_stage2(fs: FeatureSet, p: dict, on_epoch=None, log=print):
         val_acc = float((predict_head(head, val_x) == val_y).float().mean() * 100)
         rec = {"epoch": epoch, "loss": loss_v, "lr": lr, "val_top1": val_acc}
         history.append(rec)
-        if on_epoch is not None:
-            on_epoch(epoch, rec)
+        if on_epoch is not None and on_epoch(epoch, rec):
+            info["stopped_at"] = epoch
+            break
     info["fit_seconds"] = time.perf_counter() - t0
     counts_l = fs.counts.tolist()
     reports = {s: accuracy_report(predict_head(head, fs.x[s]), fs.y[s], counts_l) for s in ("val", "test")}

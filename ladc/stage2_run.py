@@ -115,7 +115,7 @@ def run_stage2(backbone_run: str, p: dict, *, fs: FeatureSet | None = None, ckpt
                 torch.save({"head": head.state_dict(), "classifier": p["classifier"],
                             "config": json.dumps(p)}, Path(d) / "head.pt")
                 mlflow.log_artifact(str(Path(d) / "head.pt"), "checkpoints")
-            log_model(ckpt, head, fs, p)
+            info["model_uri"] = log_model(ckpt, head, fs, p).model_uri
         return run.info.run_id, reports, history, info, head
 
 

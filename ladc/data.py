@@ -124,7 +124,7 @@ def _decode_files(paths: list[Path], image_size: int | None) -> torch.Tensor:
     from tqdm import tqdm
 
     out = None
-    for i, p in enumerate(tqdm(paths, desc="decode", leave=False, disable=len(paths) < 2000)):
+    for i, p in enumerate(tqdm(paths, desc="decode", leave=False, disable=None if len(paths) >= 2000 else True)):
         with Image.open(p) as im:
             im = im.convert("RGB")
             if image_size is not None and im.size != (image_size, image_size):

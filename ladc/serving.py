@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import warnings
 from pathlib import Path
 
 import mlflow
@@ -71,10 +70,8 @@ def log_classifier(model: ImageClassifier, backbone_name: str, classifier: str, 
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "classifier.pt"
         save_classifier(path, model, backbone_name, classifier, classes)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # MLflow's hint about type-hinted predict()
-            return mlflow.pyfunc.log_model(
-                name=name, python_model=str(Path(__file__).with_name("pyfunc_model.py")),
-                artifacts={"classifier": str(path)}, code_paths=[str(Path(__file__).resolve().parent)],
-                input_example=example_np, signature=signature, registered_model_name=registered_model_name,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", f"mlflow=={mlflow.__version__}"])
+        return mlflow.pyfunc.log_model(
+            name=name, python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+            artifacts={"classifier": str(path)}, code_paths=[str(Path(__file__).resolve().parent)],
+            input_example=example_np, signature=signature, registered_model_name=registered_model_name,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", f"mlflow=={mlflow.__version__}"])

@@ -129,6 +129,7 @@ TABLE_ROWS = [
     ("LADC_avg + LWS-Plus", "ladc_avg", "lws_plus", {}),
     ("LADC + LWS", "ladc", "lws", {}),
     ("LADC + LWS-Plus", "ladc", "lws_plus", {}),
+    ("LADC + cRT", "ladc", "crt", {}),
     ("LADC + LWS-Plus, eq.6 inverse weighting", "ladc", "lws_plus", {"weighting": "inverse"}),
     ("LADC + LWS-Plus, eq.6 paper weighting", "ladc", "lws_plus", {"weighting": "paper"}),
     ("LADC + LWS-Plus, eq.13 paper (class) reading", "ladc", "lws_plus", {"sampling": "paper"}),

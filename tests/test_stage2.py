@@ -9,7 +9,7 @@ from conftest import ROOT
 from ladc import calibration as cal
 from ladc.data import longtail_counts
 from ladc.errors import LadcError
-from ladc.features import FeatureSet
+from ladc.features import gaussian_features
 from ladc.stage2 import Head, HeadSGD, fit_stage2, las_epsilons, soft_targets, validate_stage2
 
 
@@ -20,29 +20,9 @@ def params(**kw):
 
 
 def gaussian_lt(seed=0, C=8, d=32, n_max=1000, imf=100, spread=0.35):
-    """Long-tailed Gaussian classes in a ReLU feature space, with a stage-1 classifier fitted on
-    the imbalanced set (so it is biased toward the head, like a real backbone's)."""
-    g = torch.Generator().manual_seed(seed)
-    counts = longtail_counts(n_max, C, imf)
-    mus = torch.randn(C, d, generator=g) * spread
-    A = torch.randn(C, d, d, generator=g) * 0.15
-
-    def draw(cs):
-        y = torch.cat([torch.full((n,), c) for c, n in enumerate(cs)])
-        e = torch.randn(len(y), d, generator=g)
-        return (mus[y] + torch.einsum("nij,nj->ni", A[y], e) + 0.5 * torch.randn(len(y), d, generator=g)).relu(), y
-
-    (xtr, ytr), (xv, yv), (xt, yt) = draw(counts), draw([50] * C), draw([300] * C)
-    W = torch.zeros(C, d, requires_grad=True)
-    b = torch.zeros(C, requires_grad=True)
-    opt = torch.optim.SGD([W, b], lr=0.1, momentum=0.9)
-    for _ in range(300):
-        loss = F.cross_entropy(xtr @ W.T + b, ytr)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return FeatureSet({"train": xtr, "val": xv, "test": xt}, {"train": ytr, "val": yv, "test": yt},
-                      W.detach(), b.detach(), [str(c) for c in range(C)], {})
+    """Long-tailed Gaussian classes with a head-biased stage-1 classifier."""
+    return gaussian_features(longtail_counts(n_max, C, imf), d=d, spread=spread, mix=0.15, noise=0.5,
+                             val_per_class=50, test_per_class=300, seed=seed, fit_steps=300)
 
 
 @pytest.mark.parametrize("kind", ["crt", "lws", "lws_plus"])

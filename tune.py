@@ -79,7 +79,7 @@ def run(args) -> dict:
     import optuna
 
     from ladc import calibration as cal
-    from ladc import registry, tracking, tuning
+    from ladc import tracking, tuning
     from ladc.config import apply_overrides, load_config, set_if_given
     from ladc.stage1 import train_stage1
     from ladc.stage2 import validate_stage2
@@ -147,9 +147,7 @@ def run(args) -> dict:
 
     exp = tracking.experiment_id(dataset)
     lock_path = tracking.MLRUNS / "optuna" / f"{study_name}.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as lock:  # one parent run per study, also with several processes
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with study_lock(lock_path):  # one parent run per study, also with several processes
         parent_id = tuning.parent_run_for(study_name, exp)
         if parent_id is None:
             parent_id = mlflow.MlflowClient().create_run(exp, run_name=f"study-{study_name}", tags={
@@ -159,7 +157,6 @@ def run(args) -> dict:
             mlflow.MlflowClient().log_batch(parent_id, params=[mlflow.entities.Param(k, str(v)) for k, v in {
                 **{f"search.{k}": list(v) for k, v in space.items()}, "n_trials": n_trials, "seed": args.seed,
                 **{f"stage2.{k}": v for k, v in tracking.flatten(p).items()}}.items()])
-        fcntl.flock(lock, fcntl.LOCK_UN)
 
     result = {"study_name": study_name, "backbone_run": backbone, "parent_run_id": parent_id}
     with tracking.tracked_run(run_id=parent_id):
@@ -180,7 +177,8 @@ def run(args) -> dict:
             log(f"study time {time.perf_counter() - t0:.1f}s")
         else:
             log(f"study {study_name} already has {done} finished trials (>= {n_trials}): nothing to run")
-        tuning.log_study_summary(study, space)
+        with study_lock(lock_path):
+            tuning.log_study_summary(study, space)
         complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         if not complete:
             raise LadcError(f"study {study_name} has no complete trial: see the failed trials in the MLflow UI")
@@ -188,36 +186,66 @@ def run(args) -> dict:
         result.update(best_value=best.value, best_params=best.params, best_test_top1=best.user_attrs.get("test_top1"),
                       n_finished=tuning.finished(study))
         log(f"best trial {best.number}: {best.params}  val {best.value:.2f}  test {best.user_attrs.get('test_top1'):.2f}")
-        # register the best configuration's classifier once per (study, trial)
-        client = mlflow.MlflowClient()
-        name = registry.model_name(dataset)
-        already = [v for v in (client.search_model_versions(f"name = '{name}'") if _has_model(client, name) else [])
-                   if v.tags.get("study") == study_name and v.tags.get("trial") == str(best.number)]
-        if already:
-            result.update(version=already[0].version, promoted=False)
-            log(f"best trial already registered as {name} v{already[0].version}")
-            return result
-        from ladc.stage2_run import run_stage2
-
-        bp = {**p, **{k: v for k, v in best.params.items()}}
-        for k, (lo, hi) in space.items():
-            bp.setdefault(k, lo)
-        rid, reports, _, info, _ = run_stage2(backbone, bp, fs=fs, ckpt=ckpt, data_cfg=data_cfg, parent_run_id=parent_id,
-                                              name=f"best-trial-{best.number:03d}", tags={"stage": "best",
-                                              "study_name": study_name}, progress=False)
-        version, promoted, prev = registry.register(
-            info["model_uri"], dataset, reports["val"]["top1"], reports["test"]["top1"],
-            {"study": study_name, "trial": best.number, "backbone_run": backbone, "run_id": rid,
-             **{k: bp[k] for k in ("m", "alpha", "beta", "tau", "method", "classifier")}}, promote=args.promote)
-        mlflow.set_tags({"registered_version": version, "promoted": str(promoted)})
-        result.update(version=version, promoted=promoted, refit_val_top1=reports["val"]["top1"])
-        if promoted:
-            log(f"registered {name} v{version} and promoted it to @champion"
-                + (f" (replaces v{prev.version}, val {prev.tags.get('val_top1')})" if prev else ""))
-        else:
-            log(f"registered {name} v{version}; @champion stays "
-                + (f"v{prev.version} (val {prev.tags.get('val_top1')})" if prev else "unset (--no-promote)"))
+        with study_lock(lock_path):  # several workers: the best trial is registered once
+            result.update(register_best(study, best, space, p, backbone, fs, ckpt, data_cfg, parent_id, dataset,
+                                        study_name, args.promote, log))
     return result
+
+
+def register_best(study, best, space, p, backbone, fs, ckpt, data_cfg, parent_id, dataset, study_name, promote,
+                  log) -> dict:
+    """Refit the best trial's configuration as a child run with its model, register it as ladc-<dataset>
+    (once per study and trial) and promote it when it beats the champion."""
+    import mlflow
+
+    from ladc import registry
+    from ladc.stage2_run import run_stage2
+
+    result = {}
+    client = mlflow.MlflowClient()
+    name = registry.model_name(dataset)
+    already = [v for v in (client.search_model_versions(f"name = '{name}'") if _has_model(client, name) else [])
+               if v.tags.get("study") == study_name and v.tags.get("trial") == str(best.number)]
+    if already:
+        result.update(version=already[0].version, promoted=False)
+        log(f"best trial already registered as {name} v{already[0].version}")
+        return result
+    bp = {**p, **{k: v for k, v in best.params.items()}}
+    for k, (lo, hi) in space.items():
+        bp.setdefault(k, lo)
+    rid, reports, _, info, _ = run_stage2(backbone, bp, fs=fs, ckpt=ckpt, data_cfg=data_cfg, parent_run_id=parent_id,
+                                          name=f"best-trial-{best.number:03d}", tags={"stage": "best",
+                                          "study_name": study_name}, progress=False)
+    version, promoted, prev = registry.register(
+        info["model_uri"], dataset, reports["val"]["top1"], reports["test"]["top1"],
+        {"study": study_name, "trial": best.number, "backbone_run": backbone, "run_id": rid,
+         **{k: bp[k] for k in ("m", "alpha", "beta", "tau", "method", "classifier")}}, promote=promote)
+    mlflow.set_tags({"registered_version": version, "promoted": str(promoted)})
+    result.update(version=version, promoted=promoted, refit_val_top1=reports["val"]["top1"])
+    if promoted:
+        log(f"registered {name} v{version} and promoted it to @champion"
+            + (f" (replaces v{prev.version}, val {prev.tags.get('val_top1')})" if prev else ""))
+    else:
+        log(f"registered {name} v{version}; @champion stays "
+            + (f"v{prev.version} (val {prev.tags.get('val_top1')})" if prev else "unset (--no-promote)"))
+    return result
+
+
+class study_lock:
+    """An exclusive file lock (one machine) around work that must happen once per study."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(self.path, "w")
+        fcntl.flock(self.f, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+        self.f.close()
 
 
 def _has_model(client, name) -> bool:

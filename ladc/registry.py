@@ -40,8 +40,11 @@ def register(model_uri: str, dataset: str, val_top1: float, test_top1: float, ta
     try:
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
-        client.create_registered_model(name, description=f"LADC classifiers for {dataset}: uint8 images "
-                                                         f"[B, H, W, 3] in, class ids out")
+        try:
+            client.create_registered_model(name, description=f"LADC classifiers for {dataset}: uint8 images "
+                                                             f"[B, H, W, 3] in, class ids out")
+        except mlflow.exceptions.MlflowException:
+            pass  # created meanwhile by another worker
     mv = mlflow.register_model(model_uri, name)
     version = str(mv.version)
     for k, v in {"val_top1": f"{val_top1:.4f}", "test_top1": f"{test_top1:.4f}", **tags}.items():

@@ -172,6 +172,7 @@ def run_table(backbone_run: str, p: dict, data_root: str | None = None, cache_di
 
 
 def markdown_table(df: pd.DataFrame, digits: int = 2) -> str:
+    df = df.dropna(axis=1, how="all")  # e.g. `few` on CIFAR-10-LT IF=100, which has no class under 20 images
     cells = [[f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in row] for row in df.itertuples(index=False)]
     lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in cells]) + "\n"

@@ -3,20 +3,17 @@ with one MLflow parent run per study and one nested child run per trial."""
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import socket
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import mlflow
 import optuna
-import pandas as pd
 from optuna.trial import TrialState
 
-from . import tracking
 from .errors import LadcError, check
 from .stage2_run import run_stage2
 
@@ -77,7 +74,9 @@ def open_storage(storage: str | None, default_dir: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path))), f"journal:{path.resolve()}"
     try:
-        return RDBStorage(storage, heartbeat_interval=60, grace_period=180), storage
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
+            return RDBStorage(storage, heartbeat_interval=60, grace_period=180), storage
     except Exception as e:
         raise LadcError(f"cannot open Optuna storage {storage} ({type(e).__name__}: {str(e).splitlines()[0][:120]}): "
                         f"check the URL and that the database is reachable") from None
@@ -195,8 +194,11 @@ def log_study_summary(study: optuna.Study, space: dict) -> None:
     best = study.best_trial
     mlflow.log_metrics({"best_val_top1": best.value, "best_test_top1": best.user_attrs.get("test_top1", float("nan")),
                         "n_complete": len(complete), "n_pruned": len(study.get_trials(states=(TrialState.PRUNED,)))})
-    mlflow.log_params({f"best_{k}": v for k, v in best.params.items()})
-    mlflow.set_tag("best_trial", str(best.number))
+    # tags, not params: a resumed study may find a new best, and params cannot change
+    mlflow.set_tags({"best_trial": str(best.number), **{f"best_{k}": str(v) for k, v in best.params.items()}})
+    mlflow.log_dict({"number": best.number, "value": best.value, "params": best.params,
+                     "test": {k: best.user_attrs.get(f"test_{k}") for k in ("top1", "many", "medium", "few")}},
+                    "study/best_trial.json")
     import warnings
 
     from optuna.visualization import matplotlib as ovm

@@ -1,6 +1,5 @@
 """The calibration core against plain one-instance-at-a-time float64 computations of eqs. (2)-(13)."""
 
-import math
 
 import numpy as np
 import pytest

@@ -1,4 +1,3 @@
-import os
 
 import mlflow
 import numpy as np

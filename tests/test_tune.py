@@ -147,7 +147,7 @@ def test_two_processes_share_one_study(env):
     procs = [subprocess.Popen(cmd, env=e, cwd=env["tmp"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[1][-2500:] for o in outs)
     from ladc.tuning import open_storage
     storage, _ = open_storage(None, env["tmp"] / "optuna")
     study = optuna.load_study(study_name="par", storage=storage)

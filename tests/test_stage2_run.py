@@ -83,3 +83,19 @@ def test_stage2_cli(on_backbone, capsys):
     assert e.value.code == 2
     assert "m 9 is out of range" in capsys.readouterr().err
     assert len(mlflow.search_runs(search_all_experiments=True, filter_string="attributes.status = 'RUNNING'")) == 0
+
+
+def test_table_runs_every_row_as_child_runs(on_backbone, tmp_path):
+    from test_stage2 import params
+
+    from ladc.stage2_run import TABLE_ROWS, run_table
+
+    run_id, cache = on_backbone
+    out = tmp_path / "table.csv"
+    df = run_table(run_id, params(m=1, epochs=2, milestones=[1]), cache_dir=cache, out=str(out))
+    assert len(df) == len(TABLE_ROWS) and df["test_top1"].between(0, 100).all()
+    md = out.with_suffix(".md").read_text()
+    assert "LADC + LWS-Plus" in md and "| row |" in md
+    parent = mlflow.search_runs(search_all_experiments=True, filter_string="tags.stage = 'table'").run_id[0]
+    kids = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert len(kids) == len(TABLE_ROWS) and (kids.status == "FINISHED").all()

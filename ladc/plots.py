@@ -51,3 +51,13 @@ def per_class_figure(per_class: dict, counts, classes, title: str = "per-class a
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def log_figure(fig, artifact_file: str) -> None:
+    """Log a figure to the active MLflow run and free it."""
+    import mlflow
+
+    try:
+        mlflow.log_figure(fig, artifact_file)
+    finally:
+        plt.close(fig)

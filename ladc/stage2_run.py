@@ -61,10 +61,10 @@ def log_results(reports: dict, fs: FeatureSet, plots: bool = True) -> None:
         table.to_csv(Path(d) / "per_class_accuracy.csv", index=False)
         mlflow.log_artifact(str(Path(d) / "per_class_accuracy.csv"), "results")
     if plots:
-        mlflow.log_figure(P.confusion_figure(reports["test"]["confusion"], fs.classes,
-                                             "test confusion matrix (row-normalised, %)"), "plots/confusion_test.png")
-        mlflow.log_figure(P.per_class_figure({s: r["per_class"] for s, r in reports.items()}, counts, fs.classes),
-                          "plots/per_class_accuracy.png")
+        P.log_figure(P.confusion_figure(reports["test"]["confusion"], fs.classes,
+                                        "test confusion matrix (row-normalised, %)"), "plots/confusion_test.png")
+        P.log_figure(P.per_class_figure({s: r["per_class"] for s, r in reports.items()}, counts, fs.classes),
+                     "plots/per_class_accuracy.png")
 
 
 def classifier_model(ckpt: dict, head, fs: FeatureSet) -> ImageClassifier:

@@ -203,6 +203,8 @@ def log_study_summary(study: optuna.Study, space: dict) -> None:
 
     from optuna.visualization import matplotlib as ovm
 
+    from .plots import log_figure
+
     free = [k for k, (lo, hi) in space.items() if lo < hi]
     plots = {"optimization_history": lambda: ovm.plot_optimization_history(study),
              "slice": lambda: ovm.plot_slice(study, params=free)}
@@ -216,7 +218,7 @@ def log_study_summary(study: optuna.Study, space: dict) -> None:
                 ax = make()
                 fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
                 fig.set_size_inches(max(fig.get_size_inches()[0], 8), max(fig.get_size_inches()[1], 5))
-                mlflow.log_figure(fig, f"study/{name}.png")
+                log_figure(fig, f"study/{name}.png")
             except Exception as e:  # a plot that cannot be drawn (too few trials) never fails the study
                 mlflow.set_tag(f"plot_{name}_skipped", f"{type(e).__name__}: {str(e)[:200]}")
 

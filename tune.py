@@ -80,7 +80,7 @@ def run(args) -> dict:
 
     from ladc import calibration as cal
     from ladc import tracking, tuning
-    from ladc.config import apply_overrides, load_config, set_if_given
+    from ladc.config import apply_overrides, load_config, scale_schedule, set_if_given
     from ladc.stage1 import train_stage1
     from ladc.stage2 import validate_stage2
     from ladc.stage2_run import load_backbone_features
@@ -114,9 +114,7 @@ def run(args) -> dict:
             f"(--backbone-epochs N to shorten)")
         s1 = cfg["stage1"]
         if epochs != s1["epochs"]:
-            s1["milestones"] = [max(1, round(m * epochs / s1["epochs"])) for m in s1["milestones"]]
-            s1["warmup_epochs"] = min(s1["warmup_epochs"], epochs // 5)
-            s1["epochs"] = epochs
+            scale_schedule(s1, epochs)
         backbone = train_stage1(cfg, progress=not args.quiet)
     log(f"backbone run {backbone}")
     ckpt, data_cfg, fs = load_backbone_features(backbone, args.data_root, args.cache_dir, p.get("device"))

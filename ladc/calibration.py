@@ -42,14 +42,17 @@ def head_classes(counts, head_fraction: float = 0.6) -> torch.Tensor:
     return torch.nonzero(counts >= counts[order[k - 1]]).flatten()
 
 
+def sq_distances(x: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances [N, H] of features to class means (eq. 4), without an [N, H, d] tensor."""
+    return (x.pow(2).sum(1, keepdim=True) - 2 * x @ means.T + means.pow(2).sum(1)).clamp(min=0)
+
+
 def neighbour_weights(features: torch.Tensor, head_means: torch.Tensor, head_counts: torch.Tensor, m: int,
                       weighting: str = "paper"):
     """The m nearest head classes of each feature by Euclidean distance (eqs. 4-5) and their weights
     (eq. 6). `paper`: w_i ∝ n_i ||mu_i - x||^2 as printed; `inverse`: w_i ∝ n_i / ||mu_i - x||^2.
     Returns (idx [N,m] into the head classes, w [N,m] summing to 1)."""
-    d2 = (features.pow(2).sum(1, keepdim=True) - 2 * features @ head_means.T
-          + head_means.pow(2).sum(1)).clamp(min=0)
-    dsel, idx = d2.topk(m, dim=1, largest=False)
+    dsel, idx = sq_distances(features, head_means).topk(m, dim=1, largest=False)
     n = head_counts.to(features.dtype)[idx]
     raw = n * dsel if weighting == "paper" else n / dsel.clamp(min=_EPS)
     total = raw.sum(1, keepdim=True)
@@ -64,12 +67,16 @@ def calibrate(features: torch.Tensor, head_means: torch.Tensor, head_covs: torch
     mu' = beta/(n_s+beta) mu_0 + n_s/(n_s+beta) mu_hat (eq. 11); Sigma' = beta/(n_s+beta) Sigma_0 (eq. 12).
     Returns (means [N,d], covs [N,d,d]); the sampler never builds the covariances."""
     idx, w = neighbour_weights(features, head_means, head_counts, m, weighting)
-    mu0 = torch.einsum("nk,nkd->nd", w, head_means[idx])
     d = features.shape[1]
     eye = torch.eye(d, dtype=features.dtype, device=features.device)
     sigma0 = torch.einsum("nk,nkij->nij", w * w, head_covs[idx]) + alpha * eye
-    means = beta / (n_s + beta) * mu0 + n_s / (n_s + beta) * features
-    return means, beta / (n_s + beta) * sigma0
+    return posterior_mean(features, head_means, idx, w, beta, n_s), beta / (n_s + beta) * sigma0
+
+
+def posterior_mean(mu_hat, head_means, idx, w, beta: float, n_s: int = 1) -> torch.Tensor:
+    """mu' = beta/(n_s+beta) mu_0 + n_s/(n_s+beta) mu_hat with mu_0 = sum_i w_i mu_i (eqs. 7, 11)."""
+    mu0 = torch.einsum("nk,nkd->nd", w, head_means[idx])
+    return beta / (n_s + beta) * mu0 + n_s / (n_s + beta) * mu_hat
 
 
 def class_probabilities(counts, tau: float, reading: str = "paper") -> torch.Tensor:
@@ -128,16 +135,14 @@ def ladc_bank(mu_hat, head_means, head_factors, head_counts, m, alpha, beta, wei
     """GaussianBank of eqs. (4)-(12) for each row of mu_hat (a tail instance's feature for LADC,
     its class mean for LADC-average): coefficients w_i on F_i give sum w_i^2 Sigma_i, iso sqrt(alpha)."""
     idx, w = neighbour_weights(mu_hat, head_means, head_counts, m, weighting)
-    mu0 = torch.einsum("nk,nkd->nd", w, head_means[idx])
-    means = beta / (n_s + beta) * mu0 + n_s / (n_s + beta) * mu_hat
+    means = posterior_mean(mu_hat, head_means, idx, w, beta, n_s)
     return GaussianBank(means, idx, w, head_factors, scale=math.sqrt(beta / (n_s + beta)), iso=math.sqrt(alpha))
 
 
 def dc_bank(x, head_means, head_factors, k, alpha):
     """Few-shot DC (Yang et al. 2021) per instance: the k nearest head classes by distance, mean =
     mean of their means and x, covariance = mean of their covariances + alpha on every entry."""
-    d2 = (x.pow(2).sum(1, keepdim=True) - 2 * x @ head_means.T + head_means.pow(2).sum(1)).clamp(min=0)
-    idx = d2.topk(k, dim=1, largest=False).indices
+    idx = sq_distances(x, head_means).topk(k, dim=1, largest=False).indices
     means = (head_means[idx].sum(1) + x) / (k + 1)
     coef = torch.full(idx.shape, 1.0 / math.sqrt(k), dtype=x.dtype, device=x.device)
     return GaussianBank(means, idx, coef, head_factors, scale=1.0, const=math.sqrt(alpha))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import apply_overrides, load_config, set_if_given
+from .config import apply_overrides, load_config, scale_schedule, set_if_given
 from .errors import LadcError
 
 
@@ -41,8 +41,7 @@ def resolve_config(args) -> dict:
     set_if_given(cfg["data"], data_root=args.data_root, imbalance_factor=args.imbalance_factor, seed=args.data_seed)
     s1 = cfg["stage1"]
     if getattr(args, "epochs", None) is not None and args.milestones is None and s1.get("epochs"):
-        s1["milestones"] = [max(1, round(m * args.epochs / s1["epochs"])) for m in s1["milestones"]]
-        s1["warmup_epochs"] = min(s1["warmup_epochs"], max(args.epochs // 5, 0))
+        scale_schedule(s1, args.epochs)
     if hasattr(args, "backbone"):
         set_if_given(s1, backbone=args.backbone, epochs=args.epochs, milestones=args.milestones, lr=args.lr,
                      batch_size=args.batch_size, eval_every=args.eval_every, seed=args.seed, device=args.device)

@@ -77,3 +77,11 @@ def set_if_given(section: dict, **values) -> None:
     for k, v in values.items():
         if v is not None:
             section[k] = v
+
+
+def scale_schedule(stage1: dict, epochs: int) -> None:
+    """Shorten (or lengthen) a stage-1 recipe to `epochs`: milestones scale with it, warm-up is capped
+    at a fifth of the run."""
+    stage1["milestones"] = [max(1, round(m * epochs / stage1["epochs"])) for m in stage1["milestones"]]
+    stage1["warmup_epochs"] = min(stage1["warmup_epochs"], epochs // 5)
+    stage1["epochs"] = epochs

@@ -2,14 +2,16 @@
 """Wall time of a tuning study on CIFAR-10-LT-sized features (12,406 x 64) and the share of it spent in
 MLflow logging (targets on the 2-core CPU: 50 trials <= 5 minutes, logging <= 20%).
 
-Runs the same objective as tune.py (one nested MLflow run per trial, per-epoch pruning) in a temporary
-tracking store and journal storage, timing every MLflow call made during the study.
+Runs the product's own study (`ladc.tuning.run_study`: one nested MLflow run per trial, per-epoch
+pruning, the worker bookkeeping) in a temporary tracking store and journal storage, timing every MLflow
+call made during the study.
 
   python benchmarks/tune_speed.py [--n-trials 50] [--features cache/features/KEY.pt]
 """
 
 import argparse
 import functools
+import os
 import sys
 import tempfile
 import time
@@ -22,9 +24,12 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stage2_speed import synthetic_features  # noqa: E402
 
-from ladc import calibration as cal, tracking, tuning  # noqa: E402
+from ladc import tracking  # noqa: E402
 from ladc.config import config_path  # noqa: E402
 from ladc.features import load_cached  # noqa: E402
+from ladc.params import SearchSpace, Stage2Params  # noqa: E402
+from ladc.stage2_tracking import Backbone  # noqa: E402
+from ladc.tuning import StudySpec, open_storage, run_study  # noqa: E402
 
 SPENT = {"s": 0.0, "depth": 0}
 
@@ -61,32 +66,24 @@ def main():
     args = ap.parse_args()
     fs = load_cached(Path(args.features), Path(args.features).stem) if args.features else synthetic_features()
     cfg = yaml.safe_load(config_path("cifar10_lt").read_text())
-    p = cfg["stage2"]
-    tmp = Path(tempfile.mkdtemp(prefix="ladc-tune-bench-"))
-    import os
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
-    tracking.setup_tracking()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    instrument()
-    space = tuning.search_space(cfg["tune"], len(cal.head_classes(fs.counts, p["head_fraction"])))
-    storage, desc = tuning.open_storage(None, tmp / "optuna")
-    study = optuna.create_study(study_name="bench", storage=storage, direction="maximize",
-                                sampler=optuna.samplers.TPESampler(seed=0),
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=10))
-    exp = tracking.experiment_id("bench")
-    t0 = time.perf_counter()
-    parent = mlflow.MlflowClient().create_run(exp, run_name="study-bench", tags={"stage": "study"}).info.run_id
-    ctx = dict(fs=fs, ckpt=None, data_cfg={"dataset": "bench"}, p=p, space=space, n_trials=args.n_trials,
-               parent_run_id=parent, backbone_run="synthetic", log=lambda *a: None)
-    with tracking.tracked_run(run_id=parent):
-        study.optimize(tuning.make_objective(ctx), n_trials=args.n_trials, catch=(Exception,))
-        tuning.log_study_summary(study, space)
-    total = time.perf_counter() - t0
-    states = [t.state.name for t in study.trials]
+    with tempfile.TemporaryDirectory(prefix="ladc-tune-bench-") as d:
+        tmp = Path(d)
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
+        tracking.setup_tracking()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        instrument()
+        bb = Backbone("synthetic", {}, {"dataset": "bench"}, fs)
+        spec = StudySpec(n_trials=args.n_trials, space=SearchSpace.from_config(cfg["tune"]),
+                         params=Stage2Params.from_dict(cfg["stage2"]), name="bench", register=False)
+        t0 = time.perf_counter()
+        res = run_study(bb, spec, log=lambda *a: None, state_dir=tmp / "optuna")  # the product's own study code
+        total = time.perf_counter() - t0
+        study = optuna.load_study(study_name="bench", storage=open_storage(None, tmp / "optuna")[0])
+        states = [t.state.name for t in study.trials]
     print(f"features {tuple(fs.x['train'].shape)}, {args.n_trials} trials "
           f"({states.count('COMPLETE')} complete, {states.count('PRUNED')} pruned, {states.count('FAIL')} failed)")
     print(f"study wall time {total:.1f} s ({total / args.n_trials:.2f} s/trial), MLflow logging {SPENT['s']:.1f} s "
-          f"= {SPENT['s'] / total * 100:.1f}% of it; best val top-1 {study.best_value:.2f}")
+          f"= {SPENT['s'] / total * 100:.1f}% of it; best val top-1 {res['best_value']:.2f}")
 
 
 if __name__ == "__main__":

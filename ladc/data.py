@@ -125,16 +125,20 @@ def _decode_files(paths: list[Path], image_size: int | None) -> torch.Tensor:
 
     out = None
     for i, p in enumerate(tqdm(paths, desc="decode", leave=False, disable=None if len(paths) >= 2000 else True)):
-        with Image.open(p) as im:
-            im = im.convert("RGB")
-            if image_size is not None and im.size != (image_size, image_size):
-                w, h = im.size
-                s = image_size / min(w, h)
-                im = im.resize((max(image_size, round(w * s)), max(image_size, round(h * s))), Image.BILINEAR)
-                w, h = im.size
-                l, t = (w - image_size) // 2, (h - image_size) // 2
-                im = im.crop((l, t, l + image_size, t + image_size))
-            arr = np.array(im)
+        try:
+            with Image.open(p) as im:
+                im = im.convert("RGB")
+                if image_size is not None and im.size != (image_size, image_size):
+                    w, h = im.size
+                    s = image_size / min(w, h)
+                    im = im.resize((max(image_size, round(w * s)), max(image_size, round(h * s))), Image.BILINEAR)
+                    w, h = im.size
+                    l, t = (w - image_size) // 2, (h - image_size) // 2
+                    im = im.crop((l, t, l + image_size, t + image_size))
+                arr = np.array(im)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL: truncated, garbage or unsupported files
+            raise LadcError(f"image {p} cannot be decoded ({type(e).__name__}: {str(e)[:80]}): "
+                            f"replace or delete the file") from None
         if out is None:
             out = torch.empty((len(paths), 3, arr.shape[0], arr.shape[1]), dtype=torch.uint8)
         check(arr.shape[:2] == tuple(out.shape[2:]),
@@ -266,6 +270,10 @@ def load_imagefolder(data_root: str | Path, imbalance_factor: float | None, seed
     if imbalance_factor is None:
         tr, va = holdout_split(y, C, seed, val_fraction)
         counts = None
+        have = np.bincount(y[tr], minlength=C)
+        empty = [src.classes[c] for c in range(C) if have[c] == 0]
+        check(not empty, f"{root / 'train'}: class(es) {', '.join(empty)} have no training images (after the "
+                         f"validation split): add images or remove the folder(s)")
     else:
         avail = np.bincount(y, minlength=C)
         counts = longtail_counts(int(avail.max()), C, imbalance_factor)

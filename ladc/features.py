@@ -11,7 +11,10 @@ from pathlib import Path
 
 import torch
 
+from .checkpoints import model_from_checkpoint
+from .data import build_dataset
 from .errors import LadcError, check
+from .inference import pick_device, predict
 
 CACHE_VERSION = 1
 DEFAULT_CACHE = Path("cache/features")
@@ -51,14 +54,6 @@ class FeatureSet:
                             f"retrain stage 1 (e.g. with a lower --lr)")
 
 
-def file_sha(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def cache_key(checkpoint_sha: str, data_cfg: dict) -> str:
     """Key of a feature cache: the checkpoint's content hash and the data spec that defines the splits."""
     spec = {k: v for k, v in sorted(data_cfg.items())}
@@ -84,8 +79,6 @@ def load_cached(path: Path, key: str) -> FeatureSet | None:
 
 
 def extract(model, data, device) -> tuple[dict, dict]:
-    from .stage1 import predict
-
     xs, ys = {}, {}
     for split, (x, y) in {"train": (data.train_x, data.train_y), **data.splits()}.items():
         xs[split] = predict(model, x, data.mean, data.std, device, features=True).float().cpu()
@@ -94,20 +87,17 @@ def extract(model, data, device) -> tuple[dict, dict]:
 
 
 def get_features(ckpt: dict, data_cfg: dict, cache_dir: str | Path = DEFAULT_CACHE, device=None,
-                 data_loader=None, progress: bool = True) -> FeatureSet:
+                 data=None, progress: bool = True) -> FeatureSet:
     """Load the features for (checkpoint, data spec) from the cache, or extract and store them.
-    `data_loader(data_cfg)` builds the dataset only when extraction is needed."""
-    from .data import build_dataset
-    from .stage1 import model_from_checkpoint, pick_device
-
-    sha = file_sha(ckpt["path"])
+    The dataset is built only when extraction is needed (or `data`, already decoded, is used)."""
+    sha = ckpt["sha256"]
     key = cache_key(sha, data_cfg)
     path = Path(cache_dir) / f"{key}.pt"
     fs = load_cached(path, key)
     if fs is not None:
         return fs
     device = device or pick_device()
-    data = (data_loader or build_dataset)(data_cfg)
+    data = data if data is not None else build_dataset(data_cfg)
     model = model_from_checkpoint(ckpt, data.num_classes).to(device)
     if progress:
         print(f"extracting features -> {path}")

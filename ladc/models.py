@@ -106,15 +106,15 @@ def create_model(name: str, num_classes: int) -> nn.Module:
 
 class ImageClassifier(nn.Module):
     """The shippable model: raw uint8 images [B, 3, H, W] in, logits out
-    (normalise -> frozen backbone features -> stage-2 head)."""
+    (normalise -> frozen backbone features -> stage-2 classifier)."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, mean, std):
+    def __init__(self, backbone: nn.Module, classifier: nn.Module, mean, std):
         super().__init__()
         self.backbone = backbone
-        self.head = head
+        self.classifier = classifier
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0)
 
     def forward(self, images):
         x = (images.float() - self.mean) / self.std
-        return self.head(self.backbone.features(x))
+        return self.classifier(self.backbone.features(x))

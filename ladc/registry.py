@@ -25,6 +25,15 @@ def model_name(dataset: str) -> str:
     return f"ladc-{dataset}"
 
 
+def versions(client: MlflowClient, name: str) -> list:
+    """All versions of a registered model ([] when it does not exist)."""
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        return []
+    return client.search_model_versions(f"name = '{name}'")
+
+
 def champion(client: MlflowClient, name: str):
     try:
         return client.get_model_version_by_alias(name, ALIAS)
@@ -45,10 +54,9 @@ def register(model_uri: str, dataset: str, val_top1: float, test_top1: float, ta
                                                              f"[B, H, W, 3] in, class ids out")
         except mlflow.exceptions.MlflowException:
             pass  # created meanwhile by another worker
-    mv = mlflow.register_model(model_uri, name)
+    mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in {  # tags with the version, at once
+        "val_top1": f"{val_top1:.4f}", "test_top1": f"{test_top1:.4f}", **tags}.items()})
     version = str(mv.version)
-    for k, v in {"val_top1": f"{val_top1:.4f}", "test_top1": f"{test_top1:.4f}", **tags}.items():
-        client.set_model_version_tag(name, version, k, str(v))
     current = champion(client, name)
     cur_val = float(current.tags.get("val_top1", "-inf")) if current else float("-inf")
     promoted = promote and val_top1 > cur_val

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .models import ImageClassifier, create_model
-from .stage2 import Head
+from .stage2 import Classifier
 
 
 
@@ -21,9 +21,10 @@ def build_classifier(state: dict) -> ImageClassifier:
     cfg = json.loads(state["config"])
     backbone = create_model(cfg["backbone"], cfg["num_classes"])
     C, d = cfg["num_classes"], backbone.feature_dim
-    head = Head(cfg["classifier"], torch.zeros(C, d), torch.zeros(C))
-    model = ImageClassifier(backbone, head, cfg["mean"], cfg["std"])
-    model.load_state_dict(state["model"])
+    clf = Classifier(cfg["classifier"], torch.zeros(C, d), torch.zeros(C))
+    model = ImageClassifier(backbone, clf, cfg["mean"], cfg["std"])
+    # models saved before the stage-2 classifier was named `classifier` call it `head`
+    model.load_state_dict({("classifier." + k[5:] if k.startswith("head.") else k): v for k, v in state["model"].items()})
     return model.eval()
 
 
@@ -48,13 +49,27 @@ class LadcPyfunc(mlflow.pyfunc.PythonModel):
         self.model = build_classifier(state)
 
     def predict(self, context, model_input, params=None):
+        output = (params or {}).get("output", "class_id")
+        if output not in OUTPUTS:
+            raise invalid(f"params output={output!r} is not one of {', '.join(OUTPUTS)}")
         if hasattr(model_input, "to_numpy"):  # a DataFrame from the scoring server
             model_input = np.stack(model_input.iloc[:, 0].to_list())
         with torch.no_grad():
             logits = self.model(to_nchw(model_input))
-        if (params or {}).get("output") == "logits":
+        if output == "logits":
             return logits.numpy()
         return logits.argmax(1).numpy()
+
+
+OUTPUTS = ("class_id", "logits")
+
+
+def invalid(message: str):
+    """An input error the scoring server answers with HTTP 400 (not 500)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 def log_classifier(model: ImageClassifier, backbone_name: str, classifier: str, classes: list,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -15,28 +16,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import augment, tracking
+from .checkpoints import download_checkpoint, model_from_checkpoint, save_checkpoint
 from .data import LTData, build_dataset
 from .errors import LadcError, check
-from .metrics import accuracy_report, flat_metrics
-from .models import BACKBONES, create_model
-
-CHECKPOINT = "checkpoints/last.pt"
-
-
-def pick_device(name: str | None = None) -> torch.device:
-    if name and name != "auto":
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def validate_stage1(s: dict) -> None:
-    check(s["backbone"] in BACKBONES, f"unknown backbone '{s['backbone']}': choose one of {', '.join(BACKBONES)}")
-    check(isinstance(s["epochs"], int) and s["epochs"] > 0, f"epochs {s['epochs']} must be a positive integer")
-    check(s["lr"] > 0, f"lr {s['lr']} must be > 0")
-    check(s["batch_size"] > 0, f"batch_size {s['batch_size']} must be > 0")
-    check(s["warmup_epochs"] >= 0, f"warmup_epochs {s['warmup_epochs']} must be >= 0")
-    check(0 < s["lr_gamma"] <= 1, f"lr_gamma {s['lr_gamma']} must be in (0, 1]")
-    check(s["remix_alpha"] > 0, f"remix_alpha {s['remix_alpha']} must be > 0")
+from .inference import evaluate, pick_device
+from .metrics import flat_metrics
+from .models import create_model
+from .params import data_section, stage1_section
 
 
 def lr_at(step: int, steps_per_epoch: int, s: dict) -> float:
@@ -45,33 +31,6 @@ def lr_at(step: int, steps_per_epoch: int, s: dict) -> float:
     if epoch < s["warmup_epochs"]:
         return s["lr"] * (step + 1) / (s["warmup_epochs"] * steps_per_epoch)
     return s["lr"] * s["lr_gamma"] ** sum(epoch >= m for m in s["milestones"])
-
-
-@torch.no_grad()
-def predict(model, x_uint8: torch.Tensor, mean, std, device, batch_size: int = 1024, features: bool = False):
-    """Logits (or penultimate features) for uint8 images, batched, model in eval mode."""
-    model.eval()
-    outs = []
-    amp = device.type == "cuda"
-    for i in range(0, len(x_uint8), batch_size):
-        xb = augment.normalize(x_uint8[i:i + batch_size].to(device, non_blocking=True), mean, std)
-        if amp:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model.features(xb) if features else model(xb)
-        outs.append(out.float())
-    return torch.cat(outs)
-
-
-def evaluate(model, data: LTData, device) -> dict:
-    counts = data.counts.tolist()
-    reports = {}
-    for split, (x, y) in data.splits().items():
-        if len(y) == 0:
-            continue
-        pred = predict(model, x, data.mean, data.std, device).argmax(1)
-        reports[split] = accuracy_report(pred, y, counts)
-    return reports
 
 
 def train_step(model, optimizer, xb, yb, counts, s: dict, randaug, mean, std, amp: bool):
@@ -99,60 +58,6 @@ def train_step(model, optimizer, xb, yb, counts, s: dict, randaug, mean, std, am
     return loss.detach(), (logits.argmax(1) == target).sum()
 
 
-def save_checkpoint(path: Path, model, optimizer, epoch: int, cfg: dict, data: LTData) -> None:
-    state = {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-        "config": json.dumps(cfg), "data_spec": json.dumps(data.spec), "num_classes": data.num_classes,
-        "backbone": cfg["stage1"]["backbone"], "mean": list(data.mean), "std": list(data.std),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # never a half-written checkpoint
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise LadcError(f"checkpoint {path} cannot be read ({type(e).__name__}): "
-                        f"it is not a ladc checkpoint; use the run's {CHECKPOINT}") from None
-
-
-def download_checkpoint(run_id: str) -> dict:
-    """The last checkpoint of a stage-1 run, loaded with weights_only=True."""
-    try:
-        run = mlflow.get_run(run_id)
-    except Exception:
-        raise LadcError(f"run {run_id} does not exist in {mlflow.get_tracking_uri()}: "
-                        f"pass the id of a stage-1 run (see the MLflow UI or `python train.py runs`)") from None
-    check(run.data.tags.get("stage") == "stage1", f"run {run_id} is a {run.data.tags.get('stage', 'non-ladc')} "
-                                                   f"run, not a stage-1 run: pass a stage-1 run id")
-    try:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT)
-    except Exception:
-        raise LadcError(f"run {run_id} has no checkpoint ({CHECKPOINT}): it was killed before its first "
-                        f"checkpoint; train a new one or resume it with --resume {run_id}") from None
-    ckpt = load_checkpoint(path)
-    ckpt["path"] = path
-    return ckpt
-
-
-def model_from_checkpoint(ckpt: dict, num_classes: int | None = None) -> torch.nn.Module:
-    n = ckpt["num_classes"]
-    if num_classes is not None:
-        check(n == num_classes, f"checkpoint is for {n} classes, the data has {num_classes}: use a backbone "
-                                f"trained on this dataset")
-    model = create_model(ckpt["backbone"], n)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise LadcError(f"checkpoint does not fit backbone {ckpt['backbone']} ({str(e).splitlines()[0]}): "
-                        f"train a new stage-1 run") from None
-    return model
-
-
 def run_name(cfg: dict) -> str:
     d = cfg["data"]
     imf = d.get("imbalance_factor")
@@ -160,25 +65,37 @@ def run_name(cfg: dict) -> str:
         f"stage1-{cfg['stage1']['backbone']}-{d['dataset']}-s{d.get('seed', 0)}"
 
 
+def resume_command(run_id: str) -> str:
+    return f"python train.py stage1 --resume {run_id}"
+
+
+def logged_steps(run_id: str, keys) -> dict[str, set]:
+    """{metric: steps already logged} of a run (a resumed run never logs a step twice)."""
+    client = mlflow.MlflowClient()
+    return {k: {m.step for m in client.get_metric_history(run_id, k)} for k in keys}
+
+
 def train_stage1(cfg: dict, resume_run_id: str | None = None, data: LTData | None = None,
                  progress: bool = True) -> str:
-    """Train (or resume) a stage-1 run. Returns the MLflow run id."""
+    """Train (or resume) a stage-1 run. Returns the MLflow run id. Checkpoints are written every
+    `checkpoint_every` epochs, whenever `checkpoint_minutes` have passed since the last one, at the end,
+    and on Ctrl-C / SIGTERM, so an interrupted run loses at most a few minutes."""
     tracking.setup_tracking()
     start_epoch, ckpt = 0, None
     if resume_run_id:
         ckpt = download_checkpoint(resume_run_id)
         cfg = json.loads(ckpt["config"])
         start_epoch = int(ckpt["epoch"])
+    cfg = {**cfg, "data": data_section(dict(cfg["data"])), "stage1": stage1_section(cfg["stage1"])}
     s = cfg["stage1"]
-    validate_stage1(s)
+    if ckpt is not None and start_epoch >= s["epochs"]:
+        raise LadcError(f"run {resume_run_id} already finished all {s['epochs']} epochs: nothing to resume")
     device = pick_device(s.get("device"))
     torch.manual_seed(int(s.get("seed", 0)))
     data = data if data is not None else build_dataset(cfg["data"])
     if ckpt is not None:
         check(ckpt["num_classes"] == data.num_classes, f"checkpoint is for {ckpt['num_classes']} classes, "
                                                       f"the data has {data.num_classes}")
-        if start_epoch >= s["epochs"]:
-            raise LadcError(f"run {resume_run_id} already finished all {s['epochs']} epochs: nothing to resume")
     model = model_from_checkpoint(ckpt) if ckpt else create_model(s["backbone"], data.num_classes)
     model.to(device)
     if device.type == "cuda":
@@ -203,7 +120,9 @@ def train_stage1(cfg: dict, resume_run_id: str | None = None, data: LTData | Non
     tags = {"stage": "stage1", "dataset": cfg["data"]["dataset"], "backbone": s["backbone"],
             "imbalance_factor": str(cfg["data"].get("imbalance_factor")), "data_spec_key": data.spec_key(),
             **tracking.environment_tags(device)}
-    with tracking.tracked_run(run_name(cfg), experiment=exp, run_id=resume_run_id, tags=tags) as run:
+    with tracking.tracked_run(run_name(cfg), experiment=exp, run_id=resume_run_id, tags=tags) as run, \
+            tempfile.TemporaryDirectory(prefix="ladc-ckpt-") as tmpdir:
+        run_id = run.info.run_id
         if ckpt is None:
             mlflow.log_params(tracking.flatten({k: cfg[k] for k in ("data", "stage1")}))
             mlflow.log_params({"data.num_classes": data.num_classes, "data.train_counts": str(data.counts.tolist()),
@@ -212,48 +131,71 @@ def train_stage1(cfg: dict, resume_run_id: str | None = None, data: LTData | Non
             mlflow.log_dict(cfg, "config.json")
             for note in data.notes:
                 print(f"note: {note}")
+            seen = {}
         else:
-            print(f"resuming run {resume_run_id} after epoch {start_epoch}")
-        tmpdir = Path(tempfile.mkdtemp(prefix="ladc-ckpt-"))
+            print(f"resuming run {run_id} after epoch {start_epoch}")
+            seen = logged_steps(run_id, ("train_loss", "val_top1"))
+        ckpt_path = Path(tmpdir) / "last.pt"
+        saved = {"epoch": start_epoch, "time": time.monotonic()}
+
+        def checkpoint(epoch: int) -> None:
+            save_checkpoint(ckpt_path, model, optimizer, epoch, cfg, data)
+            mlflow.log_artifact(str(ckpt_path), "checkpoints")
+            saved.update(epoch=epoch, time=time.monotonic())
+
         bar = tqdm(range(start_epoch, s["epochs"]), desc=run_name(cfg), disable=not progress, unit="epoch",
                    initial=start_epoch, total=s["epochs"])
         reports = {}
-        for epoch in bar:
-            model.train()
-            t0 = time.perf_counter()
-            perm = torch.randperm(n, device=device)
-            tot_loss, tot_correct = 0.0, 0.0
-            for it in range(steps_per_epoch):
-                step = epoch * steps_per_epoch + it
-                for g in optimizer.param_groups:
-                    g["lr"] = lr_at(step, steps_per_epoch, s)
-                idx = perm[it * bs:(it + 1) * bs]
-                loss, correct = train_step(model, optimizer, data.train_x[idx], data.train_y[idx], counts, s,
-                                           randaug, data.mean, data.std, amp)
-                tot_loss += loss.detach() * len(idx)
-                tot_correct += correct
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            done = epoch + 1
-            loss_v = float(tot_loss) / n
-            if not math.isfinite(loss_v):
-                raise LadcError(f"training loss became {loss_v} at epoch {done}: lower --lr or check the data")
-            metrics = {"train_loss": loss_v, "train_acc": float(tot_correct) / n * 100, "lr": optimizer.param_groups[0]["lr"],
-                       "throughput_img_s": n / dt, "epoch_time_s": dt}
-            if done % s["eval_every"] == 0 or done == s["epochs"]:
-                reports = evaluate(model, data, device)
-                for split, rep in reports.items():
-                    metrics.update(flat_metrics(rep, split))
-            mlflow.log_metrics(metrics, step=done)
-            bar.set_postfix(loss=f"{loss_v:.3f}", acc=f"{metrics['train_acc']:.1f}",
-                            val=f"{metrics.get('val_top1', float('nan')):.1f}", ips=f"{n / dt:.0f}")
-            if done % s["checkpoint_every"] == 0 or done == s["epochs"]:
-                save_checkpoint(tmpdir / "last.pt", model, optimizer, done, cfg, data)
-                mlflow.log_artifact(str(tmpdir / "last.pt"), "checkpoints")
+        done = start_epoch
+        try:
+            for epoch in bar:
+                model.train()
+                t0 = time.perf_counter()
+                perm = torch.randperm(n, device=device)
+                tot_loss, tot_correct = 0.0, 0.0
+                for it in range(steps_per_epoch):
+                    step = epoch * steps_per_epoch + it
+                    for g in optimizer.param_groups:
+                        g["lr"] = lr_at(step, steps_per_epoch, s)
+                    idx = perm[it * bs:(it + 1) * bs]
+                    loss, correct = train_step(model, optimizer, data.train_x[idx], data.train_y[idx], counts, s,
+                                               randaug, data.mean, data.std, amp)
+                    tot_loss += loss.detach() * len(idx)
+                    tot_correct += correct
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                loss_v = float(tot_loss) / n
+                if not math.isfinite(loss_v):
+                    raise LadcError(f"training loss became {loss_v} at epoch {epoch + 1}: lower --lr or check the data")
+                metrics = {"train_loss": loss_v, "train_acc": float(tot_correct) / n * 100,
+                           "lr": optimizer.param_groups[0]["lr"], "throughput_img_s": n / dt, "epoch_time_s": dt}
+                if (epoch + 1) % s["eval_every"] == 0 or epoch + 1 == s["epochs"]:
+                    reports = evaluate(model, data, device)
+                    for split, rep in reports.items():
+                        metrics.update(flat_metrics(rep, split))
+                # a resumed run re-trains the epochs after its checkpoint: steps logged before the kill stay
+                metrics = {k: v for k, v in metrics.items() if epoch + 1 not in
+                           seen.get("val_top1" if k.startswith(("val_", "test_")) else "train_loss", ())}
+                if metrics:
+                    mlflow.log_metrics(metrics, step=epoch + 1)
+                done = epoch + 1  # trained, evaluated and logged: a checkpoint at `done` loses nothing
+                post = {"loss": f"{loss_v:.3f}", "acc": f"{float(tot_correct) / n * 100:.1f}", "ips": f"{n / dt:.0f}"}
+                if "val_top1" in metrics:
+                    post["val"] = f"{metrics['val_top1']:.1f}"
+                bar.set_postfix(post)
+                if (done % s["checkpoint_every"] == 0 or done == s["epochs"]
+                        or time.monotonic() - saved["time"] >= 60 * s["checkpoint_minutes"]):
+                    checkpoint(done)
+        except KeyboardInterrupt:
+            if done > saved["epoch"]:
+                checkpoint(done)
+            print(f"\ninterrupted after epoch {done} of {s['epochs']}: run {run_id} is KILLED with a checkpoint at "
+                  f"epoch {saved['epoch']}; continue it with: {resume_command(run_id)}", file=sys.stderr, flush=True)
+            raise
         log_per_class(reports, data)
         mlflow.set_tag("epochs_done", str(s["epochs"]))
-        return run.info.run_id
+        return run_id
 
 
 def log_per_class(reports: dict, data: LTData) -> None:

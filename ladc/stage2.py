@@ -23,16 +23,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import calibration as cal
-from .errors import LadcError, check
+from .errors import LadcError
 from .features import FeatureSet
 from .metrics import accuracy_report
+from .params import CLASSIFIERS, METHODS, Stage2Params  # noqa: F401 (re-exported)
 
-METHODS = ("ce", "cbs", "las", "dc", "ladc_avg", "ladc")
-CLASSIFIERS = ("stage1", "crt", "lws", "lws_plus")
 CALIBRATED = ("dc", "ladc_avg", "ladc")
 
 
-class Head(nn.Module):
+class Classifier(nn.Module):
     """Stage-2 classifier on features. `power` != 1 applies a Tukey transform first (DC with cRT)."""
 
     def __init__(self, kind: str, weight: torch.Tensor, bias: torch.Tensor):
@@ -60,33 +59,20 @@ class Head(nn.Module):
         return logits
 
 
-def validate_stage2(p: dict, num_heads: int | None = None) -> None:
-    check(p["method"] in METHODS, f"unknown method '{p['method']}': choose one of {', '.join(METHODS)}")
-    check(p["classifier"] in CLASSIFIERS,
-          f"unknown classifier '{p['classifier']}': choose one of {', '.join(CLASSIFIERS)}")
-    check(p["weighting"] in cal.WEIGHTINGS, f"weighting '{p['weighting']}' must be one of {', '.join(cal.WEIGHTINGS)}")
-    check(p["sampling"] in cal.SAMPLINGS, f"sampling '{p['sampling']}' must be one of {', '.join(cal.SAMPLINGS)}")
-    check(0 < p["head_fraction"] <= 1, f"head_fraction {p['head_fraction']} is out of range: use a value in (0, 1]")
-    check(isinstance(p["m"], int) and p["m"] >= 1, f"m {p['m']} is out of range: use an integer >= 1")
+def validate_stage2(p, num_heads: int | None = None) -> Stage2Params:
+    """Stage2Params from a dict (typed and range-checked); with num_heads, m is checked against it."""
+    p = Stage2Params.from_dict(p)
     if num_heads is not None:
-        check(p["m"] <= num_heads, f"m {p['m']} is out of range: there are only {num_heads} head classes, "
-                                   f"use 1 <= m <= {num_heads} (or raise head_fraction)")
-    check(p["alpha"] >= 0, f"alpha {p['alpha']} is out of range: use alpha >= 0")
-    check(p["beta"] > 0, f"beta {p['beta']} is out of range: use beta > 0")
-    check(p["tau"] >= 0, f"tau {p['tau']} is out of range: use tau >= 0")
-    check(isinstance(p["epochs"], int) and p["epochs"] >= 0, f"stage-2 epochs {p['epochs']} must be an integer >= 0")
-    check(p["lr"] > 0, f"stage-2 lr {p['lr']} must be > 0")
-    check(p["batch_size"] > 0, f"stage-2 batch_size {p['batch_size']} must be > 0")
-    check(p["dc_alpha"] >= 0, f"dc_alpha {p['dc_alpha']} must be >= 0")
-    check(0 < p["dc_tukey"] <= 1, f"dc_tukey {p['dc_tukey']} must be in (0, 1]")
+        p.check(num_heads)
+    return p
 
 
-def validate_for_features(p: dict, counts) -> None:
-    """Checks that need the data: m against the number of head classes (when there is a tail)."""
-    validate_stage2(p)
-    head = cal.head_classes(torch.as_tensor(counts).cpu(), p["head_fraction"])
-    if p["method"] in CALIBRATED and len(head) < int((torch.as_tensor(counts) > 0).sum()):
-        validate_stage2(p, len(head))
+def validate_for_features(p: Stage2Params, counts) -> None:
+    """The check that needs the data: m against the number of head classes (when there is a tail)."""
+    counts = torch.as_tensor(counts).cpu()
+    head = cal.head_classes(counts, p.head_fraction)
+    if p.method in CALIBRATED and len(head) < int((counts > 0).sum()):
+        p.check(len(head))
 
 
 def las_epsilons(counts: torch.Tensor, eps_head: float, eps_tail: float) -> torch.Tensor:
@@ -108,18 +94,18 @@ def soft_targets(y: torch.Tensor, num_classes: int, eps: torch.Tensor | None) ->
     return (1 - e) * t + e / num_classes
 
 
-class HeadSGD:
-    """SGD with momentum and weight decay (torch.optim.SGD's update rule) for the linear stage-2 heads,
+class ClassifierSGD:
+    """SGD with momentum and weight decay (torch.optim.SGD's update rule) for the linear stage-2 classifiers,
     with the gradients of the soft-target cross-entropy written out: dL/dlogits = (softmax - t) / B.
     No autograd graph per step: a 30-epoch fit is a few thousand tiny updates."""
 
-    def __init__(self, head: Head, momentum: float, weight_decay: float):
-        self.head, self.momentum, self.wd = head, momentum, weight_decay
-        self.params = [q for q in head.parameters() if q.requires_grad]
+    def __init__(self, clf: Classifier, momentum: float, weight_decay: float):
+        self.clf, self.momentum, self.wd = clf, momentum, weight_decay
+        self.params = [q for q in clf.parameters() if q.requires_grad]
         self.bufs = [torch.zeros_like(q) for q in self.params]
 
     def grads(self, x: torch.Tensor, base: torch.Tensor | None, t: torch.Tensor):
-        h = self.head
+        h = self.clf
         logits = h.linear(x) if h.kind == "crt" else (h.f * base + h.g if h.kind == "lws_plus" else h.f * base)
         logp = F.log_softmax(logits, 1)
         loss = -(t * logp).sum(1).mean()
@@ -174,30 +160,30 @@ class EpochSampler:
         return x, self.y_sorted[r]
 
 
-def build_sampler(fs: FeatureSet, p: dict, log=print) -> tuple[EpochSampler, dict]:
+def build_sampler(fs: FeatureSet, p: Stage2Params, log=print) -> tuple[EpochSampler, dict]:
     """The epoch sampler of a method, and info (head classes, fallback) to log."""
     x, y = fs.x["train"], fs.y["train"]
     C = fs.num_classes
     counts = torch.bincount(y, minlength=C).to(x.device)
     order = torch.argsort(y, stable=True)
     xs, ys = x[order], y[order]
-    head = cal.head_classes(counts.cpu(), p["head_fraction"]).to(x.device)
+    head = cal.head_classes(counts.cpu(), p.head_fraction).to(x.device)
     is_head = torch.zeros(C, dtype=torch.bool, device=x.device)
     is_head[head] = True
-    info = {"num_head_classes": len(head), "head_classes": head.tolist(), "method_used": p["method"]}
-    method = p["method"]
+    info = {"num_head_classes": len(head), "head_classes": head.tolist(), "method_used": p.method}
+    method = p.method
     if method in CALIBRATED and bool(is_head[counts > 0].all()):
-        log(f"note: no tail class with head_fraction {p['head_fraction']} (every class is head): "
+        log(f"note: no tail class with head_fraction {p.head_fraction} (every class is head): "
             f"{method} falls back to class-balanced sampling (cbs)")
         method = info["method_used"] = "cbs"
     if method in CALIBRATED:
-        validate_stage2(p, len(head))
+        p.check(len(head))
     if method == "ce":
         probs = counts.double() / counts.sum()
     elif method in ("cbs", "las"):
         probs = (counts > 0).double() / (counts > 0).sum()
     else:
-        probs = cal.class_probabilities(counts.cpu(), p["tau"], p["sampling"]).to(x.device)
+        probs = cal.class_probabilities(counts.cpu(), p.tau, p.sampling).to(x.device)
     sampler = EpochSampler(xs, ys, counts, probs)
     if method not in CALIBRATED:
         return sampler, info
@@ -206,11 +192,11 @@ def build_sampler(fs: FeatureSet, p: dict, log=print) -> tuple[EpochSampler, dic
     tail_row[tail_mask] = torch.arange(int(tail_mask.sum()), device=x.device)
     xt = xs[tail_mask]
     if method == "dc":
-        power = p["dc_tukey"]
+        power = p.dc_tukey
         xp = xs.clamp(min=0).pow(power)
         means, covs, _ = cal.class_statistics(xp, ys, C)
         factors = cal.psd_factor(covs[head])
-        bank = cal.dc_bank(xp[tail_mask], means[head], factors, min(p["m"], len(head)), p["dc_alpha"])
+        bank = cal.dc_bank(xp[tail_mask], means[head], factors, min(p.m, len(head)), p.dc_alpha)
         sampler.transform_back = power
     else:
         means, covs, _ = cal.class_statistics(xs, ys, C)
@@ -219,43 +205,43 @@ def build_sampler(fs: FeatureSet, p: dict, log=print) -> tuple[EpochSampler, dic
         else:
             mu_hat = xt
         factors = cal.psd_factor(covs[head])
-        bank = cal.ladc_bank(mu_hat, means[head], factors, counts[head], p["m"], p["alpha"], p["beta"],
-                             p["weighting"])
+        bank = cal.ladc_bank(mu_hat, means[head], factors, counts[head], p.m, p.alpha, p.beta,
+                             p.weighting)
     sampler.bank, sampler.tail_row = bank, tail_row
     return sampler, info
 
 
 @torch.no_grad()
-def predict_head(head: Head, x: torch.Tensor, batch: int = 8192) -> torch.Tensor:
-    head.eval()
-    return torch.cat([head(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
+def predict_classifier(clf: Classifier, x: torch.Tensor, batch: int = 8192) -> torch.Tensor:
+    clf.eval()
+    return torch.cat([clf(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
 
 
-def fit_stage2(fs: FeatureSet, p: dict, on_epoch=None, log=print):
-    """Train a stage-2 head on cached features. `on_epoch(epoch, metrics)` is called after every epoch
+def fit_stage2(fs: FeatureSet, p: Stage2Params | dict, on_epoch=None, log=print):
+    """Train a stage-2 classifier on cached features (a dict `p` is validated first). `on_epoch(epoch, metrics)` is called after every epoch
     (validation accuracy for pruning); a true return value stops training there (info["stopped_at"]).
-    Returns (head, history, reports, info)."""
-    validate_stage2(p)
-    torch.manual_seed(int(p.get("seed", 0)))
-    gen = torch.Generator(device=fs.x["train"].device).manual_seed(int(p.get("seed", 0)))
+    Returns (classifier, history, reports, info)."""
+    p = Stage2Params.from_dict(p)
+    torch.manual_seed(int(p.seed))
+    gen = torch.Generator(device=fs.x["train"].device).manual_seed(int(p.seed))
     t0 = time.perf_counter()
     sampler, info = build_sampler(fs, p, log)
-    head = Head(p["classifier"], fs.weight, fs.bias).to(fs.x["train"].device)
+    clf = Classifier(p.classifier, fs.weight, fs.bias).to(fs.x["train"].device)
     counts = fs.counts.to(fs.x["train"].device)
-    eps = las_epsilons(counts, p["las_eps_head"], p["las_eps_tail"]) if info["method_used"] == "las" else None
+    eps = las_epsilons(counts, p.las_eps_head, p.las_eps_tail) if info["method_used"] == "las" else None
     C = fs.num_classes
-    opt = HeadSGD(head, p["momentum"], p["weight_decay"])
-    epochs = p["epochs"] if opt.params else 0
-    n, bs = len(fs.y["train"]), p["batch_size"]
+    opt = ClassifierSGD(clf, p.momentum, p.weight_decay)
+    epochs = p.epochs if opt.params else 0
+    n, bs = len(fs.y["train"]), p.batch_size
     history = []
     val_x, val_y = fs.x["val"], fs.y["val"]
     for epoch in range(1, epochs + 1):
-        lr = p["lr"] * p["lr_gamma"] ** sum(epoch > m for m in p["milestones"])
-        head.train()
+        lr = p.lr * p.lr_gamma ** sum(epoch > m for m in p.milestones)
+        clf.train()
         xe, ye = sampler.draw(n, gen)
         te = soft_targets(ye, C, eps)
         with torch.no_grad():
-            base = None if head.kind == "crt" else xe @ head.weight.T + head.bias  # frozen logits, once
+            base = None if clf.kind == "crt" else xe @ clf.weight.T + clf.bias  # frozen logits, once
         tot = torch.zeros((), device=xe.device)
         for i in range(0, n, bs):
             tb = te[i:i + bs]
@@ -263,7 +249,7 @@ def fit_stage2(fs: FeatureSet, p: dict, on_epoch=None, log=print):
         loss_v = float(tot) / n
         if not math.isfinite(loss_v):
             raise LadcError(f"stage-2 loss became {loss_v} at epoch {epoch}: lower the stage-2 lr")
-        val_acc = float((predict_head(head, val_x) == val_y).float().mean() * 100)
+        val_acc = float((predict_classifier(clf, val_x) == val_y).float().mean() * 100)
         rec = {"epoch": epoch, "loss": loss_v, "lr": lr, "val_top1": val_acc}
         history.append(rec)
         if on_epoch is not None and on_epoch(epoch, rec):
@@ -271,5 +257,5 @@ def fit_stage2(fs: FeatureSet, p: dict, on_epoch=None, log=print):
             break
     info["fit_seconds"] = time.perf_counter() - t0
     counts_l = fs.counts.tolist()
-    reports = {s: accuracy_report(predict_head(head, fs.x[s]), fs.y[s], counts_l) for s in ("val", "test")}
-    return head, history, reports, info
+    reports = {s: accuracy_report(predict_classifier(clf, fs.x[s]), fs.y[s], counts_l) for s in ("val", "test")}
+    return clf, history, reports, info

@@ -4,17 +4,20 @@ FINISHED, FAILED or KILLED, and the environment/code version every run records."
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import platform
 import signal
 import subprocess
+import tempfile
 from pathlib import Path
 
 import mlflow
 
 from . import __version__
 from .config import ROOT
+from .errors import LadcError
 
 MLRUNS = Path(os.environ.get("LADC_MLRUNS", Path.cwd() / "mlruns"))
 
@@ -23,18 +26,58 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{(MLRUNS / 'mlflow.db').resolve()}"
 
 
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def check_writable_dir(folder: Path, what: str) -> None:
+    """A one-line error unless `folder` (or, when it does not exist yet, its nearest existing parent) is a
+    folder this process can write in. Creates nothing."""
+    folder = Path(folder).resolve()
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise LadcError(f"{what}: {probe} is not a folder; pick another location")
+    try:
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as e:
+        raise LadcError(f"{what}: cannot write in {probe} ({e.strerror}); pick a writable location "
+                        f"(or set MLFLOW_TRACKING_URI)") from None
+
+
+def check_tracking_store(uri: str | None = None) -> None:
+    """Before any work: an sqlite store must be writable (MLflow would retry for minutes, then fail)."""
+    uri = uri or tracking_uri()
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        check_writable_dir(db.parent, f"tracking store {uri}")
+        if db.exists() and not os.access(db, os.W_OK):
+            raise LadcError(f"tracking store {db} is read-only: make it writable or set MLFLOW_TRACKING_URI")
+
+
 def setup_tracking() -> str:
     """Use $MLFLOW_TRACKING_URI when set, else the sqlite store mlruns/mlflow.db (artifacts in
-    mlruns/artifacts). Returns the URI in use."""
+    mlruns/artifacts). Returns the URI in use. A new sqlite store is created under a lock, so processes
+    started together do not race on its tables."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("mlflow.store.db.utils", "alembic.runtime.migration", "mlflow.tracking.fluent"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri()
+    check_tracking_store(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    if uri.startswith("sqlite:///") and uri not in _READY:
+        db = Path(uri[len("sqlite:///"):])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with open(db.parent / ".mlflow.db.lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            mlflow.MlflowClient().search_experiments(max_results=1)  # creates or migrates the tables once
+        _READY.add(uri)
     return uri
+
+
+_READY: set = set()
 
 
 def _artifact_root(uri: str) -> str | None:
@@ -139,3 +182,22 @@ def list_runs(dataset: str | None = None, stage: str | None = None, max_results:
             "metrics.test_top1", "start_time"]
     df = df[[c for c in cols if c in df.columns]]
     return df.rename(columns=lambda c: c.split(".")[-1] if c != "tags.mlflow.runName" else "name")
+
+
+def latest_stage1_run(data_cfg: dict) -> str | None:
+    """The newest FINISHED stage-1 run with the same dataset spec (dataset, imbalance factor, seed,
+    validation size), or None."""
+    def num(v):
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return v
+
+    df = mlflow.search_runs(search_all_experiments=True, order_by=["attributes.end_time DESC"],
+                            filter_string=f"tags.stage = 'stage1' and tags.dataset = '{data_cfg['dataset']}' "
+                                          f"and attributes.status = 'FINISHED'")
+    keys = [k for k in ("imbalance_factor", "seed", "val_per_class") if k in data_cfg]
+    for _, row in df.iterrows():
+        if all(num(row.get(f"params.data.{k}")) == num(data_cfg.get(k)) for k in keys):
+            return row.run_id
+    return None

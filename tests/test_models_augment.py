@@ -36,12 +36,17 @@ def test_remix_label_rule_hand_made_pairs():
 
 
 def test_remix_batch_mixes_and_loss_weights():
-    torch.manual_seed(0)
     x = torch.randn(8, 3, 4, 4)
     y = torch.arange(8) % 4
     counts = torch.tensor([1000, 100, 10, 1])
+    torch.manual_seed(0)
     xm, yi, yj, lam_y = remix_batch(x, y, counts)
-    assert xm.shape == x.shape and (yi == y).all() and lam_y.shape == (8,)
+    torch.manual_seed(0)  # the same draws again: the permutation, then lambda ~ Beta(1, 1)
+    perm = torch.randperm(8)
+    lam = float(torch.distributions.Beta(torch.tensor(1.0), torch.tensor(1.0)).sample())
+    assert 0 < lam < 1 and not torch.equal(perm, torch.arange(8))
+    assert torch.allclose(xm, lam * x + (1 - lam) * x[perm]) and (yi == y).all() and (yj == y[perm]).all()
+    assert torch.allclose(lam_y, remix_label_weights(torch.tensor(lam), counts[y], counts[y[perm]]))
     logits = torch.randn(8, 4)
     ce_i = torch.nn.functional.cross_entropy(logits, yi, reduction="none")
     ce_j = torch.nn.functional.cross_entropy(logits, yj, reduction="none")
@@ -61,6 +66,16 @@ def test_crop_flip_is_a_shifted_window_of_the_padded_image():
 
 
 def test_grouped_randaugment_keeps_shape_and_dtype():
-    x = torch.randint(0, 255, (40, 3, 32, 32), dtype=torch.uint8)
+    torch.manual_seed(0)
+    x = torch.randint(0, 255, (64, 3, 32, 32), dtype=torch.uint8)
     out = GroupedRandAugment(group=16)(x)
     assert out.shape == x.shape and out.dtype == torch.uint8
+    changed = [(o != i).any().item() for o, i in zip(out.split(16), x.split(16))]
+    assert sum(changed) >= 3, changed  # not a no-op (a group may draw Identity twice, rarely)
+    # within a group every image got the same ops; groups draw their own
+    same = GroupedRandAugment(group=64)
+    torch.manual_seed(1)
+    a = same(x)
+    torch.manual_seed(1)
+    b = torch.cat([same.op(x)])
+    assert torch.equal(a, b)

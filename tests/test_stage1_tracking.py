@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import ROOT, synthetic_cfg
-from ladc import stage1
+from ladc import checkpoints, stage1
 from ladc.errors import LadcError
 
 
@@ -29,7 +29,7 @@ def test_stage1_learns_and_is_tracked(store):
         assert k in m
     hist = mlflow.MlflowClient().get_metric_history(run_id, "train_loss")
     assert [h.step for h in hist] == list(range(1, 7))
-    ckpt = stage1.download_checkpoint(run_id)
+    ckpt = checkpoints.download_checkpoint(run_id)
     assert ckpt["epoch"] == 6 and ckpt["num_classes"] == 5
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "results")}
     assert "results/per_class_accuracy.csv" in arts
@@ -41,7 +41,7 @@ def test_resume_continues_from_checkpoint_epoch(store, monkeypatch):
 
     def crash_on_second_eval(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 2:  # epoch 4, after the epoch-2 checkpoint
+        if calls["n"] == 2:  # epoch 4, after the epoch-2 checkpoint: Ctrl-C checkpoints epoch 3, the last complete one
             raise KeyboardInterrupt
         return real(*a, **k)
 
@@ -51,15 +51,15 @@ def test_resume_continues_from_checkpoint_epoch(store, monkeypatch):
     killed = runs()
     assert killed.status.tolist() == ["KILLED"]
     run_id = killed.run_id[0]
-    assert stage1.download_checkpoint(run_id)["epoch"] == 2
+    assert checkpoints.download_checkpoint(run_id)["epoch"] == 3
     monkeypatch.setattr(stage1, "evaluate", real)
     epochs_seen = []
     real_lr = stage1.lr_at
     monkeypatch.setattr(stage1, "lr_at", lambda step, spe, s: (epochs_seen.append(step // spe), real_lr(step, spe, s))[1])
     assert stage1.train_stage1({}, resume_run_id=run_id, progress=False) == run_id
-    assert min(epochs_seen) == 2  # 0-based epoch 2 = the third epoch: continued after the checkpoint
+    assert min(epochs_seen) == 3  # 0-based epoch 3 = the fourth epoch: continued after the checkpoint
     run = mlflow.get_run(run_id)
-    assert run.info.status == "FINISHED" and stage1.download_checkpoint(run_id)["epoch"] == 6
+    assert run.info.status == "FINISHED" and checkpoints.download_checkpoint(run_id)["epoch"] == 6
     assert len(runs()) == 1
 
 
@@ -75,11 +75,11 @@ def test_failed_run_ends_failed(store, monkeypatch):
 
 def test_checkpoint_for_another_number_of_classes(store):
     run_id = stage1.train_stage1(synthetic_cfg(epochs=2, eval_every=2), progress=False)
-    ckpt = stage1.download_checkpoint(run_id)
+    ckpt = checkpoints.download_checkpoint(run_id)
     with pytest.raises(LadcError, match="checkpoint is for 5 classes, the data has 10"):
-        stage1.model_from_checkpoint(ckpt, num_classes=10)
+        checkpoints.model_from_checkpoint(ckpt, num_classes=10)
     with pytest.raises(LadcError, match="not a stage-1 run|does not exist"):
-        stage1.download_checkpoint("0123456789abcdef")
+        checkpoints.download_checkpoint("0123456789abcdef")
 
 
 def test_checkpoint_loads_weights_only(tmp_path):
@@ -89,12 +89,12 @@ def test_checkpoint_loads_weights_only(tmp_path):
     data = make_synthetic()
     m = create_model("resnet8", 5)
     opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
-    stage1.save_checkpoint(tmp_path / "c.pt", m, opt, 3, synthetic_cfg(), data)
+    checkpoints.save_checkpoint(tmp_path / "c.pt", m, opt, 3, synthetic_cfg(), data)
     ck = torch.load(tmp_path / "c.pt", weights_only=True)
     assert ck["epoch"] == 3 and json.loads(ck["config"])["stage1"]["backbone"] == "resnet8"
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(LadcError, match="cannot be read"):
-        stage1.load_checkpoint(tmp_path / "bad.pt")
+        checkpoints.load_checkpoint(tmp_path / "bad.pt")
 
 
 BAD = [
@@ -111,16 +111,17 @@ BAD = [
 
 @pytest.mark.parametrize("argv,msg", BAD)
 def test_bad_input_one_line_exit_2(store, capsys, argv, msg):
-    import train
+    from ladc.cli import train_main
 
     with pytest.raises(SystemExit) as e:
-        train.main(argv)
+        train_main(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and msg in err[0], err
     assert len(runs("RUNNING")) == 0
 
 
+@pytest.mark.slow
 def test_cli_bad_input_subprocess_has_no_traceback(store, tmp_path):
     (tmp_path / "x").write_text("")
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "stage1", "--dataset", "cifar10_lt", "--data-root",
@@ -129,6 +130,7 @@ def test_cli_bad_input_subprocess_has_no_traceback(store, tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
+@pytest.mark.slow
 def test_help_lists_commands():
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "stage1" in r.stdout and "stage2" in r.stdout and "table" in r.stdout

@@ -10,7 +10,7 @@ from ladc import calibration as cal
 from ladc.data import longtail_counts
 from ladc.errors import LadcError
 from ladc.features import gaussian_features
-from ladc.stage2 import Head, HeadSGD, fit_stage2, las_epsilons, soft_targets, validate_stage2
+from ladc.stage2 import Classifier, ClassifierSGD, fit_stage2, las_epsilons, soft_targets, validate_stage2
 
 
 def params(**kw):
@@ -31,9 +31,9 @@ def test_head_sgd_matches_autograd_and_torch_sgd(kind, smooth):
     torch.manual_seed(0)
     C, d = 5, 7
     W, b = torch.randn(C, d), torch.randn(C)
-    ours, ref = Head(kind, W, b), Head(kind, W, b)
+    ours, ref = Classifier(kind, W, b), Classifier(kind, W, b)
     ref.load_state_dict(ours.state_dict())
-    opt = HeadSGD(ours, momentum=0.9, weight_decay=5e-4)
+    opt = ClassifierSGD(ours, momentum=0.9, weight_decay=5e-4)
     topt = torch.optim.SGD([q for q in ref.parameters() if q.requires_grad], lr=0.1, momentum=0.9,
                            weight_decay=5e-4)
     eps = las_epsilons(torch.tensor([100, 50, 20, 5, 2]), 0.3, 0.05) if smooth else None
@@ -78,9 +78,18 @@ def test_ladc_lws_plus_raises_few_shot_accuracy_over_ce():
                                         ("ladc_avg", "lws_plus"), ("ladc", "lws"), ("ce", "lws_plus")])
 def test_every_method_runs(method, clf):
     fs = gaussian_lt(C=5, d=8, n_max=300, imf=20)
-    _, hist, rep, info = fit_stage2(fs, params(method=method, classifier=clf, m=1, epochs=3))
+    _, hist, rep, info = fit_stage2(fs, params(method=method, classifier=clf, m=1, epochs=3), log=lambda *a: None)
+    stage1_pred = (fs.x["test"] @ fs.weight.T + fs.bias).argmax(1)
+    stage1_acc = (stage1_pred == fs.y["test"]).float()
+    if clf == "stage1":  # nothing to train: exactly the stage-1 classifier's predictions
+        assert hist == [] and rep["test"]["top1"] == pytest.approx(float(stage1_acc.mean() * 100))
+        return
     assert len(hist) == 3 and all(math.isfinite(h["loss"]) for h in hist)
-    assert 0 <= rep["test"]["top1"] <= 100
+    assert hist[-1]["loss"] < hist[0]["loss"]  # it trains
+    assert rep["test"]["top1"] > 20 + 4  # 5 classes: chance is 20%
+    if method != "ce":  # every re-balancing method lifts the rarest class above the stage-1 classifier
+        rarest = fs.y["test"] == 4
+        assert rep["test"]["per_class"][4] > float(stage1_acc[rarest].mean() * 100) + 5
 
 
 def test_no_tail_class_falls_back_to_cbs():

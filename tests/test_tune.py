@@ -33,9 +33,9 @@ def env(backbone, tmp_path, monkeypatch):
 
 
 def tune(env, *extra):
-    import tune as tune_mod
+    from ladc.cli import tune_main
 
-    return tune_mod.main(["--dataset", "synthetic_lt", "--cache-dir", env["cache"], "--quiet", "--stage2-epochs", "4",
+    return tune_main(["--dataset", "synthetic_lt", "--cache-dir", env["cache"], "--quiet", "--stage2-epochs", "4",
                           "--set", "stage2.milestones=[2, 3]", *extra])
 
 
@@ -62,8 +62,8 @@ def test_full_study_registers_and_promotes_then_worse_study_does_not(env):
     assert str(champ.version) == "1" and res["promoted"]
 
     # a second study that cannot train (lr 1e-5, 1 epoch) is worse: registered, not promoted
-    import tune as tune_mod
-    res2 = tune_mod.main(["--dataset", "synthetic_lt", "--cache-dir", env["cache"], "--quiet", "--stage2-epochs", "1",
+    from ladc.cli import tune_main
+    res2 = tune_main(["--dataset", "synthetic_lt", "--cache-dir", env["cache"], "--quiet", "--stage2-epochs", "1",
                           "--set", "stage2.lr=1e-5", "--n-trials", "3", "--study-name", "s2"])
     assert res2["refit_val_top1"] < float(champ.tags["val_top1"])
     assert str(res2["version"]) == "2" and not res2["promoted"]
@@ -139,6 +139,7 @@ def test_failed_trial_is_recorded_and_study_goes_on(env, monkeypatch):
     assert states.count(optuna.trial.TrialState.FAIL) == 1 and res["n_finished"] == 3
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_study(env):
     cmd = [sys.executable, str(ROOT / "tune.py"), "--dataset", "synthetic_lt", "--cache-dir", env["cache"], "--quiet",
            "--n-trials", "8", "--study-name", "par", "--stage2-epochs", "3", "--set", "stage2.milestones=[1, 2]",
@@ -158,10 +159,10 @@ def test_two_processes_share_one_study(env):
 
 
 @pytest.mark.parametrize("extra,msg", [
-    (["--tau", "2", "1"], "empty search space"),
-    (["--m", "0", "2"], "m low 0 is out of range"),
-    (["--beta", "0", "1"], "beta low 0.0 is out of range"),
-    (["--m", "1", "1", "--alpha", "0.1", "0.1", "--beta", "1", "1", "--tau", "1", "1"], "every parameter is fixed"),
+    (["--tau-range", "2", "1"], "empty search space"),
+    (["--m-range", "0", "2"], "m low 0 is out of range"),
+    (["--beta-range", "0", "1"], "beta low 0.0 is out of range"),
+    (["--m-range", "1", "1", "--alpha-range", "0.1", "0.1", "--beta-range", "1", "1", "--tau-range", "1", "1"], "every parameter is fixed"),
     (["--storage", "sqlite:////nonexistent-dir/x/optuna.db"], "Optuna storage"),
     (["--method", "cbs"], "must be ladc"),
 ])
@@ -191,6 +192,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_mlflow_models_serve_answers_on_loopback(env):
     tune(env, "--n-trials", "2", "--study-name", "srv")
     port = free_port()

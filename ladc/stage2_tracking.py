@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -13,31 +14,48 @@ import torch
 from mlflow.entities import Metric
 
 from . import tracking
+from .checkpoints import download_checkpoint, model_from_checkpoint
 from .features import DEFAULT_CACHE, FeatureSet, get_features, require_features
+from .inference import pick_device
 from .metrics import flat_metrics
 from .models import ImageClassifier
-from .stage1 import download_checkpoint, model_from_checkpoint, pick_device
-from .stage2 import fit_stage2, validate_for_features, validate_stage2
+from .params import Stage2Params
+from .stage2 import fit_stage2, validate_for_features
 
 
-def load_backbone_features(backbone_run: str, data_root: str | None = None, cache_dir=DEFAULT_CACHE,
-                           device: str | None = None):
-    """(checkpoint, data config, FeatureSet on the device) for a stage-1 run."""
+@dataclass
+class Backbone:
+    """A stage-1 run loaded once per command: its id, checkpoint, data spec and cached features."""
+
+    run_id: str
+    ckpt: dict
+    data_cfg: dict
+    fs: FeatureSet
+
+    @property
+    def dataset(self) -> str:
+        return self.data_cfg["dataset"]
+
+
+def load_backbone(run_id: str, data_root: str | None = None, cache_dir=DEFAULT_CACHE, device: str | None = None,
+                  ckpt: dict | None = None, data=None, progress: bool = True) -> Backbone:
+    """The checkpoint (downloaded once), data config and features (from the cache, or extracted from
+    `data` when already decoded) of a stage-1 run, features on the device."""
     tracking.setup_tracking()
-    ckpt = download_checkpoint(backbone_run)
+    ckpt = ckpt or download_checkpoint(run_id)
     data_cfg = json.loads(ckpt["config"])["data"]
     if data_root:
         data_cfg["data_root"] = data_root
     dev = pick_device(device)
-    fs = require_features(get_features(ckpt, data_cfg, cache_dir, dev))
+    fs = require_features(get_features(ckpt, data_cfg, cache_dir, dev, data=data, progress=progress))
     fs.check_finite()
-    return ckpt, data_cfg, fs.to(dev)
+    return Backbone(run_id, ckpt, data_cfg, fs.to(dev))
 
 
-def run_name(p: dict) -> str:
-    name = f"stage2-{p['method']}-{p['classifier']}"
-    if p["method"] in ("ladc", "ladc_avg"):
-        name += f"-m{p['m']}-a{p['alpha']:.3g}-b{p['beta']:.3g}-t{p['tau']:.3g}"
+def run_name(p: Stage2Params) -> str:
+    name = f"stage2-{p.method}-{p.classifier}"
+    if p.method in ("ladc", "ladc_avg"):
+        name += f"-m{p.m}-a{p.alpha:.3g}-b{p.beta:.3g}-t{p.tau:.3g}"
     return name
 
 
@@ -67,42 +85,39 @@ def log_results(reports: dict, fs: FeatureSet, plots: bool = True) -> None:
                      "plots/per_class_accuracy.png")
 
 
-def classifier_model(ckpt: dict, head, fs: FeatureSet) -> ImageClassifier:
-    return ImageClassifier(model_from_checkpoint(ckpt), head.cpu(), fs.meta["mean"], fs.meta["std"]).eval()
+def classifier_model(ckpt: dict, clf, fs: FeatureSet) -> ImageClassifier:
+    return ImageClassifier(model_from_checkpoint(ckpt), clf.cpu(), fs.meta["mean"], fs.meta["std"]).eval()
 
 
-def log_model(ckpt: dict, head, fs: FeatureSet, p: dict, registered_model_name: str | None = None):
+def log_model(ckpt: dict, clf, fs: FeatureSet, p: Stage2Params, registered_model_name: str | None = None):
     from .serving import log_classifier
 
-    model = classifier_model(ckpt, head, fs)
+    model = classifier_model(ckpt, clf, fs)
     shape = fs.meta.get("image_shape", [3, 32, 32])
     example = torch.randint(0, 256, (2, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    return log_classifier(model, ckpt["backbone"], p["classifier"], fs.classes, example,
+    return log_classifier(model, ckpt["backbone"], p.classifier, fs.classes, example,
                           registered_model_name=registered_model_name)
 
 
-def run_stage2(backbone_run: str, p: dict, *, fs: FeatureSet | None = None, ckpt: dict | None = None,
-               data_cfg: dict | None = None, data_root: str | None = None, cache_dir=DEFAULT_CACHE,
-               parent_run_id: str | None = None, name: str | None = None, tags: dict | None = None,
-               plots: bool = True, model: bool = True, on_epoch=None, progress: bool = True):
-    """Fit one stage-2 configuration as an MLflow run (child of `parent_run_id` when given).
-    Returns (run_id, reports, history, info, head)."""
-    validate_stage2(p)
-    if fs is None:
-        ckpt, data_cfg, fs = load_backbone_features(backbone_run, data_root, cache_dir, p.get("device"))
+def run_stage2(bb: Backbone, p: Stage2Params, *, parent_run_id: str | None = None, name: str | None = None,
+               tags: dict | None = None, plots: bool = True, model: bool = True, on_epoch=None,
+               progress: bool = True):
+    """Fit one stage-2 configuration on a loaded backbone as an MLflow run (child of `parent_run_id` when
+    given). Returns (run_id, reports, history, info, classifier)."""
+    p = Stage2Params.from_dict(p)
+    fs = bb.fs
     validate_for_features(p, fs.counts)
-    dataset = data_cfg["dataset"]
-    all_tags = {"stage": "stage2", "dataset": dataset, "method": p["method"], "classifier": p["classifier"],
-                "backbone_run_id": backbone_run, "feature_cache_key": fs.meta.get("key", ""),
+    all_tags = {"stage": "stage2", "dataset": bb.dataset, "method": p.method, "classifier": p.classifier,
+                "backbone_run_id": bb.run_id, "feature_cache_key": fs.meta.get("key", ""),
                 **tracking.environment_tags(fs.x["train"].device), **(tags or {})}
-    with tracking.tracked_run(name or run_name(p), experiment=tracking.experiment_id(dataset), tags=all_tags,
+    with tracking.tracked_run(name or run_name(p), experiment=tracking.experiment_id(bb.dataset), tags=all_tags,
                               nested=parent_run_id is not None, parent_run_id=parent_run_id) as run:
-        mlflow.log_params({**{f"stage2.{k}": v for k, v in tracking.flatten(p).items()},
-                           "m": p["m"], "alpha": p["alpha"], "beta": p["beta"], "tau": p["tau"],
-                           "data.dataset": dataset, "data.imbalance_factor": data_cfg.get("imbalance_factor"),
-                           "data.seed": data_cfg.get("seed"), "data.train_counts": str(fs.counts.tolist()),
+        mlflow.log_params({**{f"stage2.{k}": v for k, v in tracking.flatten(p.as_dict()).items()},
+                           "m": p.m, "alpha": p.alpha, "beta": p.beta, "tau": p.tau,
+                           "data.dataset": bb.dataset, "data.imbalance_factor": bb.data_cfg.get("imbalance_factor"),
+                           "data.seed": bb.data_cfg.get("seed"), "data.train_counts": str(fs.counts.tolist()),
                            "feature_cache": fs.path})
-        head, history, reports, info = fit_stage2(fs, p, on_epoch=on_epoch, log=print if progress else (lambda *a: None))
+        clf, history, reports, info = fit_stage2(fs, p, on_epoch=on_epoch, log=print if progress else (lambda *a: None))
         log_history(run.info.run_id, history)
         final = {**flat_metrics(reports["val"], "val"), **flat_metrics(reports["test"], "test"),
                  "fit_seconds": info["fit_seconds"], "num_head_classes": info["num_head_classes"]}
@@ -112,11 +127,11 @@ def run_stage2(backbone_run: str, p: dict, *, fs: FeatureSet | None = None, ckpt
             log_results(reports, fs)
         if model:
             with tempfile.TemporaryDirectory() as d:
-                torch.save({"head": head.state_dict(), "classifier": p["classifier"],
-                            "config": json.dumps(p)}, Path(d) / "head.pt")
-                mlflow.log_artifact(str(Path(d) / "head.pt"), "checkpoints")
-            info["model_uri"] = log_model(ckpt, head, fs, p).model_uri
-        return run.info.run_id, reports, history, info, head
+                torch.save({"classifier_state": clf.state_dict(), "classifier": p.classifier,
+                            "config": json.dumps(p.as_dict())}, Path(d) / "classifier.pt")
+                mlflow.log_artifact(str(Path(d) / "classifier.pt"), "checkpoints")
+            info["model_uri"] = log_model(bb.ckpt, clf, fs, p).model_uri
+        return run.info.run_id, reports, history, info, clf
 
 
 TABLE_ROWS = [
@@ -137,20 +152,17 @@ TABLE_ROWS = [
 ]
 
 
-def run_table(backbone_run: str, p: dict, data_root: str | None = None, cache_dir=DEFAULT_CACHE,
-              seeds: list[int] = (0,), out: str | None = None) -> pd.DataFrame:
+def run_table(bb: Backbone, p: Stage2Params, seeds: list[int] = (0,), out: str | None = None) -> pd.DataFrame:
     """Every method of the paper's tables on one backbone, each an MLflow child run of one parent run.
     Returns (and writes to `out` as CSV and Markdown) test/val top-1 and many/medium/few, mean over seeds."""
-    ckpt, data_cfg, fs = load_backbone_features(backbone_run, data_root, cache_dir, p.get("device"))
+    p = Stage2Params.from_dict(p)
     rows = []
-    with tracking.tracked_run(f"table-{data_cfg['dataset']}", experiment=tracking.experiment_id(data_cfg["dataset"]),
-                              tags={"stage": "table", "dataset": data_cfg["dataset"],
-                                    "backbone_run_id": backbone_run}) as parent:
+    with tracking.tracked_run(f"table-{bb.dataset}", experiment=tracking.experiment_id(bb.dataset),
+                              tags={"stage": "table", "dataset": bb.dataset, "backbone_run_id": bb.run_id}) as parent:
         for label, method, clf, extra in TABLE_ROWS:
             for seed in seeds:
-                q = {**p, "method": method, "classifier": clf, **extra, "seed": seed}
-                _, reports, _, info, _ = run_stage2(backbone_run, q, fs=fs, ckpt=ckpt, data_cfg=data_cfg,
-                                                    parent_run_id=parent.info.run_id, name=f"{label} s{seed}",
+                q = p.replace(method=method, classifier=clf, seed=seed, **extra)
+                _, reports, _, info, _ = run_stage2(bb, q, parent_run_id=parent.info.run_id, name=f"{label} s{seed}",
                                                     plots=False, model=False, progress=False)
                 rows.append({"row": label, "method": method, "classifier": clf, "seed": seed,
                              **{f"{s}_{k}": reports[s][k] for s in ("val", "test")

@@ -14,14 +14,21 @@ SAMPLINGS = ("paper", "instance")
 _EPS = 1e-12
 
 
-def class_statistics(features: torch.Tensor, labels: torch.Tensor, num_classes: int):
-    """Per-class mean (eq. 2) and unbiased covariance (eq. 3). Returns (means [C,d], covs [C,d,d],
-    counts [C]). A class with fewer than two instances gets a zero covariance."""
+def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int):
+    """Per-class mean (eq. 2) and counts: (means [C,d], counts [C]). No covariance is built."""
     N, d = features.shape
     counts = torch.bincount(labels, minlength=num_classes)
     means = torch.zeros(num_classes, d, dtype=features.dtype, device=features.device)
     means.index_add_(0, labels, features)
-    means = means / counts.clamp(min=1).unsqueeze(1).to(features.dtype)
+    return means / counts.clamp(min=1).unsqueeze(1).to(features.dtype), counts
+
+
+def class_statistics(features: torch.Tensor, labels: torch.Tensor, num_classes: int):
+    """Per-class mean (eq. 2) and unbiased covariance (eq. 3). Returns (means [C,d], covs [C,d,d],
+    counts [C]). A class with fewer than two instances gets a zero covariance. Builds C d x d
+    matrices: at d = 2048 use class_means + class_factors instead."""
+    N, d = features.shape
+    means, counts = class_means(features, labels, num_classes)
     centered = features - means[labels]
     order = torch.argsort(labels, stable=True)
     covs = torch.zeros(num_classes, d, d, dtype=features.dtype, device=features.device)
@@ -29,6 +36,42 @@ def class_statistics(features: torch.Tensor, labels: torch.Tensor, num_classes: 
         if len(chunk) > 1:
             covs[c] = chunk.T @ chunk / (len(chunk) - 1)
     return means, covs, counts
+
+
+def class_factors(features: torch.Tensor, labels: torch.Tensor, classes, means: torch.Tensor | None = None,
+                  how: str = "auto"):
+    """Means (eq. 2) and covariance factors F_c with F_c F_c^T = Sigma_c, the unbiased covariance of
+    eq. (3), of the requested classes only, one class at a time (no [C, d, d] tensor).
+
+    `lowrank` (auto when n_c <= d, i.e. rank Sigma_c <= n_c - 1 < d): F_c = X_c^T / sqrt(n_c - 1) from
+    the centred features X_c [n_c, d], width r_c = n_c (stored as a transposed view of X_c);
+    `eigh` (auto when n_c > d): the clamped-eigh factor (psd_factor) of that class's d x d covariance,
+    width d. A class with fewer than two instances gets a zero covariance: width 0.
+    `means` [C, d] (e.g. from class_means) is used when given, so the factors are centred on them.
+    Returns (means [len(classes), d], factors: list of [d, r_c] tensors)."""
+    if how not in ("auto", "lowrank", "eigh"):
+        raise ValueError(f"how must be one of auto, lowrank, eigh, not {how!r}")
+    classes = torch.as_tensor(classes, device=labels.device).long()
+    N, d = features.shape
+    C = int(max(int(labels.max()) + 1 if N else 0, int(classes.max()) + 1 if len(classes) else 0))
+    if means is None:
+        means, _ = class_means(features, labels, C)
+    order = torch.argsort(labels, stable=True)
+    counts = torch.bincount(labels, minlength=C)
+    offsets = (torch.cumsum(counts, 0) - counts).tolist()
+    counts = counts.tolist()
+    factors = []
+    for c in classes.tolist():  # one head class at a time: peak memory is the factors themselves
+        n = counts[c]
+        if n < 2:
+            factors.append(features.new_zeros(d, 0))
+            continue
+        xc = features[order[offsets[c]:offsets[c] + n]].sub_(means[c])  # a copy: centred in place
+        if how == "lowrank" or (how == "auto" and n <= d):
+            factors.append(xc.div_(math.sqrt(n - 1)).T)
+        else:
+            factors.append(psd_factor(xc.T @ xc / (n - 1)))
+    return means[classes], factors
 
 
 def head_classes(counts, head_fraction: float = 0.6) -> torch.Tensor:
@@ -48,16 +91,24 @@ def sq_distances(x: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
 
 
 def neighbour_weights(features: torch.Tensor, head_means: torch.Tensor, head_counts: torch.Tensor, m: int,
-                      weighting: str = "paper"):
+                      weighting: str = "paper", block: int = 1 << 24):
     """The m nearest head classes of each feature by Euclidean distance (eqs. 4-5) and their weights
     (eq. 6). `paper`: w_i ∝ n_i ||mu_i - x||^2 as printed; `inverse`: w_i ∝ n_i / ||mu_i - x||^2.
-    Returns (idx [N,m] into the head classes, w [N,m] summing to 1)."""
-    dsel, idx = sq_distances(features, head_means).topk(m, dim=1, largest=False)
-    n = head_counts.to(features.dtype)[idx]
-    raw = n * dsel if weighting == "paper" else n / dsel.clamp(min=_EPS)
-    total = raw.sum(1, keepdim=True)
-    w = torch.where(total > 0, raw / total.clamp(min=_EPS), torch.full_like(raw, 1.0 / m))
-    return idx, w
+    Returns (idx [N,m] into the head classes, w [N,m] summing to 1). Rows are processed in blocks of
+    about `block` distances, so no [N, H] matrix is held at once."""
+    rows = max(1, block // max(1, len(head_means)))
+    idx, w = [], []
+    for xb in features.split(rows):
+        dsel, ib = sq_distances(xb, head_means).topk(m, dim=1, largest=False)
+        n = head_counts.to(features.dtype)[ib]
+        raw = n * dsel if weighting == "paper" else n / dsel.clamp(min=_EPS)
+        total = raw.sum(1, keepdim=True)
+        w.append(torch.where(total > 0, raw / total.clamp(min=_EPS), torch.full_like(raw, 1.0 / m)))
+        idx.append(ib)
+    if not idx:
+        return (torch.zeros(0, m, dtype=torch.long, device=features.device),
+                features.new_zeros(0, m))
+    return torch.cat(idx), torch.cat(w)
 
 
 def calibrate(features: torch.Tensor, head_means: torch.Tensor, head_covs: torch.Tensor, head_counts: torch.Tensor,
@@ -74,8 +125,11 @@ def calibrate(features: torch.Tensor, head_means: torch.Tensor, head_covs: torch
 
 
 def posterior_mean(mu_hat, head_means, idx, w, beta: float, n_s: int = 1) -> torch.Tensor:
-    """mu' = beta/(n_s+beta) mu_0 + n_s/(n_s+beta) mu_hat with mu_0 = sum_i w_i mu_i (eqs. 7, 11)."""
-    mu0 = torch.einsum("nk,nkd->nd", w, head_means[idx])
+    """mu' = beta/(n_s+beta) mu_0 + n_s/(n_s+beta) mu_hat with mu_0 = sum_i w_i mu_i (eqs. 7, 11).
+    Summed over the m neighbours one at a time: no [N, m, d] tensor."""
+    mu0 = torch.zeros_like(mu_hat)
+    for k in range(idx.shape[1]):
+        mu0.addcmul_(w[:, k:k + 1], head_means[idx[:, k]])
     return beta / (n_s + beta) * mu0 + n_s / (n_s + beta) * mu_hat
 
 
@@ -105,35 +159,69 @@ def psd_factor(covs: torch.Tensor) -> torch.Tensor:
 class GaussianBank:
     """One Gaussian per row t, N(mean_t, s^2 (sum_k c_tk^2 Sigma_{h_tk} + iso^2 I + const^2 11^T)),
     sampled exactly as z = mean_t + s (sum_k c_tk F_{h_tk} e_k + iso e_0 + const e_1 1) with independent
-    standard normals, F F^T = Sigma. Nothing per-row of size d x d is ever built."""
+    standard normals, F F^T = Sigma (eqs. 7, 12 for LADC). Nothing per-row of size d x d is ever built.
+
+    `factors`: a tensor [H, d, r] (e.g. psd_factor's [H, d, d], or low-rank factors padded with zero
+    columns), or a sequence of H tensors [d, r_h] of different widths (class_factors); e_k is drawn with
+    the width of its factor, so Cov(z) is exact for any width. Rows are sampled in blocks of about
+    `block` elements per temporary, so memory does not grow with R * m * d."""
+
+    block = 1 << 25
 
     def __init__(self, means, comp_idx, comp_coef, factors, scale: float, iso: float = 0.0, const: float = 0.0):
         self.means, self.comp_idx, self.comp_coef, self.factors = means, comp_idx, comp_coef, factors
         self.scale, self.iso, self.const = float(scale), float(iso), float(const)
+        self.ragged = not torch.is_tensor(factors)
+        self.widths = [f.shape[-1] for f in factors] if self.ragged else [factors.shape[-1]] * len(factors)
 
     def __len__(self):
         return len(self.means)
 
+    def _components(self, hid: torch.Tensor, generator) -> torch.Tensor:
+        """F_{h_j} e_j for each component j (rows of [len(hid), d]), one matmul per head class."""
+        n, d = len(hid), self.means.shape[1]
+        dev, dt = self.means.device, self.means.dtype
+        e = None if self.ragged else torch.randn(n, self.widths[0], device=dev, dtype=dt, generator=generator)
+        perm = torch.argsort(hid, stable=True)
+        sizes = torch.bincount(hid, minlength=len(self.widths)).tolist()
+        out_sorted = torch.zeros(n, d, device=dev, dtype=dt)
+        start = 0
+        for h, k in enumerate(sizes):
+            if k == 0:
+                continue
+            seg = slice(start, start + k)
+            start += k
+            f = self.factors[h]
+            if f.shape[-1] == 0:
+                continue
+            eh = (torch.randn(k, f.shape[-1], device=dev, dtype=dt, generator=generator) if self.ragged
+                  else e[perm[seg]])
+            torch.matmul(eh, f.T, out=out_sorted[seg])
+        out = torch.empty_like(out_sorted)
+        out[perm] = out_sorted
+        return out
+
     def sample(self, rows: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         R, (K, d) = len(rows), (self.comp_idx.shape[1], self.means.shape[1])
         dev, dt = self.means.device, self.means.dtype
-        hid = self.comp_idx[rows].reshape(-1)
-        e = torch.randn(R * K, d, device=dev, dtype=dt, generator=generator)
-        out = torch.empty_like(e)
-        for h in torch.unique(hid).tolist():  # one matmul per head class, not per sample
-            sel = hid == h
-            out[sel] = e[sel] @ self.factors[h].T
-        noise = (out * self.comp_coef[rows].reshape(-1, 1)).view(R, K, d).sum(1)
-        if self.iso:
-            noise += self.iso * torch.randn(R, d, device=dev, dtype=dt, generator=generator)
-        if self.const:
-            noise += self.const * torch.randn(R, 1, device=dev, dtype=dt, generator=generator)
-        return self.means[rows] + self.scale * noise
+        z = self.means[rows]
+        step = max(1, self.block // (K * max(d, max(self.widths, default=0), 1)))
+        for b in range(0, R, step):
+            rb = rows[b:b + step]
+            noise = self._components(self.comp_idx[rb].reshape(-1), generator)
+            noise = (noise * self.comp_coef[rb].reshape(-1, 1)).view(len(rb), K, d).sum(1)
+            if self.iso:
+                noise += self.iso * torch.randn(len(rb), d, device=dev, dtype=dt, generator=generator)
+            if self.const:
+                noise += self.const * torch.randn(len(rb), 1, device=dev, dtype=dt, generator=generator)
+            z[b:b + step] += self.scale * noise
+        return z
 
 
 def ladc_bank(mu_hat, head_means, head_factors, head_counts, m, alpha, beta, weighting="paper", n_s=1):
     """GaussianBank of eqs. (4)-(12) for each row of mu_hat (a tail instance's feature for LADC,
-    its class mean for LADC-average): coefficients w_i on F_i give sum w_i^2 Sigma_i, iso sqrt(alpha)."""
+    its class mean for LADC-average): coefficients w_i on F_i give sum w_i^2 Sigma_i, iso sqrt(alpha).
+    head_factors: [H, d, r] or a list of [d, r_h] (class_factors)."""
     idx, w = neighbour_weights(mu_hat, head_means, head_counts, m, weighting)
     means = posterior_mean(mu_hat, head_means, idx, w, beta, n_s)
     return GaussianBank(means, idx, w, head_factors, scale=math.sqrt(beta / (n_s + beta)), iso=math.sqrt(alpha))

@@ -160,8 +160,9 @@ class EpochSampler:
         return x, self.y_sorted[r]
 
 
-def build_sampler(fs: FeatureSet, p: Stage2Params, log=print) -> tuple[EpochSampler, dict]:
+def build_sampler(fs: FeatureSet, p: Stage2Params | dict, log=print) -> tuple[EpochSampler, dict]:
     """The epoch sampler of a method, and info (head classes, fallback) to log."""
+    p = Stage2Params.from_dict(p)
     x, y = fs.x["train"], fs.y["train"]
     C = fs.num_classes
     counts = torch.bincount(y, minlength=C).to(x.device)
@@ -194,17 +195,17 @@ def build_sampler(fs: FeatureSet, p: Stage2Params, log=print) -> tuple[EpochSamp
     if method == "dc":
         power = p.dc_tukey
         xp = xs.clamp(min=0).pow(power)
-        means, covs, _ = cal.class_statistics(xp, ys, C)
-        factors = cal.psd_factor(covs[head])
+        means, _ = cal.class_means(xp, ys, C)
+        _, factors = cal.class_factors(xp, ys, head, means)  # per head class, no [C, d, d] (eq. 3)
         bank = cal.dc_bank(xp[tail_mask], means[head], factors, min(p.m, len(head)), p.dc_alpha)
         sampler.transform_back = power
     else:
-        means, covs, _ = cal.class_statistics(xs, ys, C)
+        means, _ = cal.class_means(xs, ys, C)
         if method == "ladc_avg":
             mu_hat = means[ys[tail_mask]]
         else:
             mu_hat = xt
-        factors = cal.psd_factor(covs[head])
+        _, factors = cal.class_factors(xs, ys, head, means)  # per head class, no [C, d, d] (eq. 3)
         bank = cal.ladc_bank(mu_hat, means[head], factors, counts[head], p.m, p.alpha, p.beta,
                              p.weighting)
     sampler.bank, sampler.tail_row = bank, tail_row

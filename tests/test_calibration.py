@@ -154,3 +154,161 @@ def test_epoch_sampler_class_frequencies_follow_eq13():
     freq = torch.bincount(ys, minlength=4).double() / n
     se = torch.sqrt(probs * (1 - probs) / n)
     assert torch.all((freq - probs).abs() < 5 * se + 1e-9)
+
+
+# --- d = 2048 scale: low-rank head factors and mixed-width banks ---------------------------------------------
+
+
+def test_class_factors_reproduce_eq3_covariance_one_class_at_a_time():
+    d = 10
+    x, y = rand_problem(seed=7, C=5, d=d, n=(4, 30, 11, 10, 1))  # n < d, n > d, n = d + 1, n = d, n = 1
+    classes = [0, 1, 2, 3, 4]
+    means, factors = cal.class_factors(x, y, classes)
+    for c, f in zip(classes, factors):
+        xc = x[y == c]
+        n = len(xc)
+        assert torch.allclose(means[c], xc.mean(0), atol=1e-12)
+        want_width = 0 if n < 2 else (n if n <= d else d)  # low rank iff n_c - 1 < d
+        assert f.shape == (d, want_width)
+        want = torch.cov(xc.T, correction=1) if n > 1 else torch.zeros(d, d, dtype=x.dtype)
+        assert torch.allclose(f @ f.T, want, atol=1e-10), c
+    assert torch.linalg.matrix_rank(factors[0] @ factors[0].T) == 3  # rank n_c - 1
+    _, forced = cal.class_factors(x, y, [1], how="lowrank")  # n > d still exact, width n
+    assert forced[0].shape == (d, 30) and torch.allclose(forced[0] @ forced[0].T, torch.cov(x[y == 1].T))
+    _, sub = cal.class_factors(x, y, torch.tensor([2]))  # only the requested classes
+    assert len(sub) == 1 and torch.allclose(sub[0] @ sub[0].T, torch.cov(x[y == 2].T), atol=1e-10)
+
+
+def bank_covariance_one_row(bank, t):
+    """s^2 (sum_k c_k^2 F_k F_k^T + iso^2 I + const^2 11^T) of row t, written out."""
+    d = bank.means.shape[1]
+    cov = bank.iso ** 2 * torch.eye(d, dtype=torch.float64) + bank.const ** 2 * torch.ones(d, d, dtype=torch.float64)
+    for k in range(bank.comp_idx.shape[1]):
+        f = bank.factors[int(bank.comp_idx[t, k])]
+        cov = cov + float(bank.comp_coef[t, k]) ** 2 * (f @ f.T)
+    return bank.scale ** 2 * cov
+
+
+@pytest.mark.parametrize("layout", ["list", "padded"])
+def test_mixed_width_bank_is_exact(layout):
+    g = torch.Generator().manual_seed(11)
+    d = 5
+    widths = [2, 7, 0, 4]  # rank-2, over-complete, zero and rank-4 covariances
+    factors = [torch.randn(d, r, generator=g, dtype=torch.float64) for r in widths]
+    sigmas = [f @ f.T for f in factors]
+    if layout == "padded":  # [H, d, r_max] with zero columns
+        pad = torch.zeros(len(widths), d, max(widths), dtype=torch.float64)
+        for h, f in enumerate(factors):
+            pad[h, :, :f.shape[1]] = f
+        factors = pad
+    means = torch.randn(3, d, generator=g, dtype=torch.float64)
+    idx = torch.tensor([[0, 1], [3, 2], [1, 3]])
+    coef = torch.tensor([[0.7, 0.3], [0.5, 0.5], [0.2, 0.9]], dtype=torch.float64)
+    bank = cal.GaussianBank(means, idx, coef, factors, scale=0.8, iso=0.3, const=0.2)
+    full = cal.GaussianBank(means, idx, coef, cal.psd_factor(torch.stack(sigmas)), scale=0.8, iso=0.3, const=0.2)
+    n = 200_000
+    rows = torch.arange(3).repeat_interleave(n)  # every row in one call: the per-head-class grouping is exercised
+    z = bank.sample(rows, generator=torch.Generator().manual_seed(3)).view(3, n, d)
+    for t in range(3):
+        want = bank_covariance_one_row(bank, t)
+        # the same Gaussian as the full-rank (d x d eigh) bank of the same covariances, eqs. (7), (12)
+        assert torch.allclose(want, bank_covariance_one_row(full, t), atol=1e-10)
+        want_by_formula = 0.64 * (sum(float(coef[t, k]) ** 2 * sigmas[int(idx[t, k])] for k in range(2))
+                                  + 0.09 * torch.eye(d, dtype=torch.float64) + 0.04)
+        assert torch.allclose(want, want_by_formula, atol=1e-10)
+        em, ec = empirical(z[t])
+        # 5 standard errors: Var(mean_i) = S_ii / n; Var(cov_ij) = (S_ii S_jj + S_ij^2) / n for Gaussian data
+        sd = torch.diagonal(want)
+        assert torch.all((em - means[t]).abs() < 5 * torch.sqrt(sd / n))
+        assert torch.all((ec - want).abs() < 5 * torch.sqrt((sd[:, None] * sd[None, :] + want ** 2) / n))
+
+
+def test_bank_blocks_and_legacy_stream():
+    """An [H, d, d] bank whose draw fits in one block consumes the generator exactly as the pre-block
+    sampler did (e [R*m, d] first, then the iso normals), so seeded runs reproduce."""
+    x, y = rand_problem(seed=5, d=4)
+    means, covs, counts = cal.class_statistics(x, y, 6)
+    head = torch.tensor([0, 1, 2])
+    f = cal.psd_factor(covs[head])
+    bank = cal.ladc_bank(x[y >= 3], means[head], f, counts[head], 2, 0.2, 0.8)
+    rows = torch.tensor([0, 3, 3, 1, 5, 2, 0])
+    z = bank.sample(rows, generator=torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)  # the pre-block algorithm, written out
+    e = torch.randn(len(rows) * 2, 4, generator=g, dtype=torch.float64)
+    hid = bank.comp_idx[rows].reshape(-1)
+    out = torch.stack([f[h] @ e[j] for j, h in enumerate(hid.tolist())])
+    noise = (out * bank.comp_coef[rows].reshape(-1, 1)).view(len(rows), 2, 4).sum(1)
+    noise += bank.iso * torch.randn(len(rows), 4, generator=g, dtype=torch.float64)
+    assert torch.allclose(z, bank.means[rows] + bank.scale * noise, atol=1e-12)
+
+
+def test_bank_small_blocks_same_distribution(monkeypatch):
+    x, y = rand_problem(seed=8, d=3)
+    means, factors = cal.class_factors(x, y, [0, 1, 2])
+    _, counts = cal.class_means(x, y, 6)
+    bank = cal.ladc_bank(x[y >= 3], means, factors, counts[:3], 2, 0.2, 0.8)
+    monkeypatch.setattr(cal.GaussianBank, "block", 97 * 2 * 3)  # 97 rows per block
+    n = 50_000
+    z = bank.sample(torch.full((n,), 2), generator=torch.Generator().manual_seed(0))
+    want = bank_covariance_one_row(bank, 2)
+    em, ec = empirical(z)
+    sd = torch.diagonal(want)
+    assert torch.all((em - bank.means[2]).abs() < 5 * torch.sqrt(sd / n))
+    assert torch.all((ec - want).abs() < 5 * torch.sqrt((sd[:, None] * sd[None, :] + want ** 2) / n))
+
+
+@pytest.mark.parametrize("method", ["ladc", "ladc_avg", "dc"])
+def test_build_sampler_low_rank_matches_full_covariance_path(method, monkeypatch):
+    """d = 256 with head classes of n < d: the sampler of build_sampler equals the one the class_statistics +
+    psd_factor path built (same means, neighbours, weights and per-row covariance), and builds no d x d."""
+    import yaml
+
+    from conftest import ROOT
+    from ladc.features import gaussian_features
+    from ladc.stage2 import build_sampler
+
+    d, C = 256, 6
+    counts = longtail_counts(200, C, 20)  # [200, 109, 60, 32, 18, 10]: heads 200 and 109 < d
+    fs = gaussian_features(counts, d=d, val_per_class=2, test_per_class=2, seed=1, fit_steps=1)
+    fs.x["train"] = fs.x["train"].double()
+    p = yaml.safe_load((ROOT / "experiments" / "cifar10_lt.yaml").read_text())["stage2"]
+    p.update(method=method, m=2)
+
+    def forbidden(*a, **k):
+        raise AssertionError("a d x d covariance path was used")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(cal, "class_statistics", forbidden)
+        mp.setattr(cal, "psd_factor", forbidden)
+        sampler, info = build_sampler(fs, p, log=lambda *a: None)
+    bank = sampler.bank
+    head = torch.tensor(info["head_classes"])
+    assert head.tolist() == [0, 1] and all(f.shape == (d, counts[h]) for h, f in zip(head.tolist(), bank.factors))
+
+    # the previous path, as build_sampler wrote it before
+    x, y = fs.x["train"], fs.y["train"]
+    order = torch.argsort(y, stable=True)
+    xs, ys = x[order], y[order]
+    tail = ~torch.isin(ys, head)
+    if method == "dc":
+        xp = xs.clamp(min=0).pow(p["dc_tukey"])
+        means, covs, _ = cal.class_statistics(xp, ys, C)
+        old = cal.dc_bank(xp[tail], means[head], cal.psd_factor(covs[head]), 2, p["dc_alpha"])
+    else:
+        means, covs, cnt = cal.class_statistics(xs, ys, C)
+        mu_hat = means[ys[tail]] if method == "ladc_avg" else xs[tail]
+        old = cal.ladc_bank(mu_hat, means[head], cal.psd_factor(covs[head]), cnt[head], 2, p["alpha"], p["beta"],
+                            p["weighting"])
+    assert torch.equal(bank.comp_idx, old.comp_idx)
+    assert torch.allclose(bank.comp_coef, old.comp_coef, atol=1e-12)
+    assert torch.allclose(bank.means, old.means, atol=1e-10)
+    assert (bank.scale, bank.iso, bank.const) == (old.scale, old.iso, old.const)
+    for h in range(len(head)):
+        f_new, f_old = bank.factors[h], old.factors[h]
+        tol = 1e-9 * float(covs[head[h]].abs().max())
+        assert torch.allclose(f_new @ f_new.T, f_old @ f_old.T, atol=tol)
+        assert torch.allclose(f_new @ f_new.T, covs[head[h]], atol=tol)
+    for t in (0, len(bank) // 2, len(bank) - 1):
+        assert torch.allclose(bank_covariance_one_row(bank, t), bank_covariance_one_row(old, t), atol=1e-9)
+    xe, ye = sampler.draw(500, torch.Generator().manual_seed(0))
+    assert xe.shape == (500, d) and torch.isfinite(xe).all()

@@ -293,6 +293,8 @@ def tune_parser() -> argparse.ArgumentParser:
                     help="stage-1 run to tune on (default: the newest finished one for this data spec)")
     ap.add_argument("--backbone-epochs", type=int,
                     help="epochs of the stage-1 run trained when none exists (default: tune.backbone_epochs)")
+    ap.add_argument("--fresh-backbone", action="store_true",
+                    help="train a new backbone even when an interrupted one for this data spec can be continued")
     ap.add_argument("--n-trials", type=int, help="total finished trials of the study (default: tune.n_trials)")
     ap.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     ap.add_argument("--study-name", help="Optuna study name; an existing study is resumed (or joined)")
@@ -361,6 +363,12 @@ def run_tune(args) -> dict:
         spec = tune_spec(args, cfg)
     backbone = args.backbone_run or tracking.latest_stage1_run(cfg["data"])
     data = None
+    interrupted = None if backbone or args.fresh_backbone else tracking.interrupted_stage1_run(cfg["data"])
+    if interrupted:
+        from .stage1 import train_stage1
+        log(f"continuing the interrupted backbone run {interrupted} for {cfg['data']['dataset']} "
+            f"(--fresh-backbone starts a new one)")
+        backbone = train_stage1({}, resume_run_id=interrupted, progress=not args.quiet)
     if backbone is None:
         s1 = cfg["stage1"]
         epochs = int(cfg["tune"].get("backbone_epochs", s1["epochs"]))

@@ -98,8 +98,9 @@ def select_longtail(labels: np.ndarray, counts: list[int], seed: int, val_per_cl
             v = len(idx) - n_keep
             train_idx.append(idx[:n_keep])
             val_idx.append(idx[n_keep:])
-            notes.append(f"class {c}: {n_c - n_keep} of its {n_c} images moved to validation "
-                         f"(no left-out images remain)")
+            notes.append(f"class {c} ({n_c} images in the long-tailed profile) uses every image it has, so its "
+                         f"{n_c - n_keep} validation images come out of its training share: it trains on "
+                         f"{n_keep} (data.val_per_class: 0 keeps the exact reference subset, without validation)")
     return np.concatenate(train_idx), np.concatenate(val_idx), notes
 
 

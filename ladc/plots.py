@@ -61,3 +61,42 @@ def log_figure(fig, artifact_file: str) -> None:
         mlflow.log_figure(fig, artifact_file)
     finally:
         plt.close(fig)
+
+
+def log_accuracy_report(reports: dict, classes, counts, plots: bool = True) -> None:
+    """Per-class accuracy table (results/per_class_accuracy.csv) for each evaluated split and, with
+    `plots`, the test confusion matrix and the per-class accuracy figure."""
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+    import pandas as pd
+
+    if not reports:
+        return
+    counts = list(counts)
+    table = pd.DataFrame({"class": classes, "train_count": counts})
+    for split, rep in reports.items():
+        table[f"{split}_acc"] = rep["per_class"].tolist()
+    with tempfile.TemporaryDirectory() as d:
+        table.round(2).to_csv(Path(d) / "per_class_accuracy.csv", index=False)
+        mlflow.log_artifact(str(Path(d) / "per_class_accuracy.csv"), "results")
+    if plots and "test" in reports:
+        log_figure(confusion_figure(reports["test"]["confusion"], classes, "test confusion matrix (row-normalised, %)"),
+                   "plots/confusion_test.png")
+        log_figure(per_class_figure({s: r["per_class"] for s, r in reports.items()}, counts, classes),
+                   "plots/per_class_accuracy.png")
+
+
+def learning_curves_figure(history: dict):
+    """Training loss and validation / test top-1 against the epoch: {metric: [(step, value), ...]}."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key, ax in (("train_loss", a), ("val_top1", b), ("test_top1", b), ("train_acc", b)):
+        pts = sorted(history.get(key, []))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=key, marker="." if len(pts) < 30 else None)
+    a.set(xlabel="epoch", ylabel="loss", title="training loss")
+    b.set(xlabel="epoch", ylabel="top-1 (%)", title="accuracy")
+    b.legend()
+    fig.tight_layout()
+    return fig

@@ -130,6 +130,10 @@ def main(argv=None) -> None:
         if c == "promote":
             s.add_argument("--version", type=int, required=True)
     args = ap.parse_args(argv)
+    from .data import DATASETS
+    if args.dataset not in DATASETS:
+        raise LadcError(f"unknown dataset '{args.dataset}': choose one of {', '.join(DATASETS)} "
+                        f"(models are registered as ladc-<dataset>)")
     setup_tracking()
     if args.cmd == "list":
         print(versions_table(args.dataset).to_string(index=False))

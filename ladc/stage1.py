@@ -69,6 +69,37 @@ def resume_command(run_id: str) -> str:
     return f"python train.py stage1 --resume {run_id}"
 
 
+def fmt_duration(seconds: float) -> str:
+    h, m = divmod(int(seconds) // 60, 60)
+    return f"{h} h {m:02d} min" if h else f"{m} min" if m else f"{int(seconds)} s"
+
+
+def announce_duration(timing: dict, s: dict, epoch: int, it: int, steps_per_epoch: int, bs: int, device,
+                      run_id: str, probe: int = 6) -> None:
+    """After the first `probe` steps of this process, say how long the rest of the run will take on this
+    device (measured, the first step excluded) and, for a long run, how to make it shorter."""
+    timing["steps"] += 1
+    if timing["steps"] == 2:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        timing["t"] = time.perf_counter()
+    if timing["steps"] != probe:
+        return
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    per_step = (time.perf_counter() - timing["t"]) / (probe - 2)
+    left = (s["epochs"] * steps_per_epoch - (epoch * steps_per_epoch + it + 1)) * per_step
+    mlflow.set_tag("estimated_duration", fmt_duration(left))
+    msg = f"estimated time for the remaining {s['epochs'] - epoch} epochs on {device}: {fmt_duration(left)} " \
+          f"({bs / per_step:.0f} img/s)"
+    if left > 20 * 60:
+        per_epoch = steps_per_epoch * per_step
+        short = max(1, int(15 * 60 / per_epoch))
+        msg += (f"; for a shorter run pass --epochs {short} (about 15 min here; tune.py: --backbone-epochs "
+                f"{short}); Ctrl-C keeps a checkpoint, `python train.py stage1 --resume {run_id}` continues")
+    tqdm.write(msg, file=sys.stderr)
+
+
 def logged_steps(run_id: str, keys) -> dict[str, set]:
     """{metric: steps already logged} of a run (a resumed run never logs a step twice)."""
     client = mlflow.MlflowClient()
@@ -128,6 +159,7 @@ def train_stage1(cfg: dict, resume_run_id: str | None = None, data: LTData | Non
             mlflow.log_params({"data.num_classes": data.num_classes, "data.train_counts": str(data.counts.tolist()),
                                "data.n_train": n, "data.n_val": len(data.val_y), "data.n_test": len(data.test_y)})
             mlflow.log_dict(data.spec, "data_spec.json")
+            tracking.log_dataset(data.spec, data.classes, data.counts.tolist(), data.spec_key())
             mlflow.log_dict(cfg, "config.json")
             for note in data.notes:
                 print(f"note: {note}")
@@ -143,12 +175,13 @@ def train_stage1(cfg: dict, resume_run_id: str | None = None, data: LTData | Non
             mlflow.log_artifact(str(ckpt_path), "checkpoints")
             saved.update(epoch=epoch, time=time.monotonic())
 
-        bar = tqdm(range(start_epoch, s["epochs"]), desc=run_name(cfg), disable=not progress, unit="epoch",
-                   initial=start_epoch, total=s["epochs"])
+        bar = tqdm(desc=run_name(cfg), disable=not progress, unit="step", initial=start_epoch * steps_per_epoch,
+                   total=s["epochs"] * steps_per_epoch, dynamic_ncols=True)
         reports = {}
         done = start_epoch
+        timing = {"t": None, "steps": 0}
         try:
-            for epoch in bar:
+            for epoch in range(start_epoch, s["epochs"]):
                 model.train()
                 t0 = time.perf_counter()
                 perm = torch.randperm(n, device=device)
@@ -162,6 +195,8 @@ def train_stage1(cfg: dict, resume_run_id: str | None = None, data: LTData | Non
                                                randaug, data.mean, data.std, amp)
                     tot_loss += loss.detach() * len(idx)
                     tot_correct += correct
+                    bar.update(1)
+                    announce_duration(timing, s, epoch, it, steps_per_epoch, bs, device, run_id)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
@@ -180,7 +215,8 @@ def train_stage1(cfg: dict, resume_run_id: str | None = None, data: LTData | Non
                 if metrics:
                     mlflow.log_metrics(metrics, step=epoch + 1)
                 done = epoch + 1  # trained, evaluated and logged: a checkpoint at `done` loses nothing
-                post = {"loss": f"{loss_v:.3f}", "acc": f"{float(tot_correct) / n * 100:.1f}", "ips": f"{n / dt:.0f}"}
+                post = {"epoch": f"{epoch + 1}/{s['epochs']}", "loss": f"{loss_v:.3f}",
+                        "acc": f"{float(tot_correct) / n * 100:.1f}", "ips": f"{n / dt:.0f}"}
                 if "val_top1" in metrics:
                     post["val"] = f"{metrics['val_top1']:.1f}"
                 bar.set_postfix(post)
@@ -193,21 +229,17 @@ def train_stage1(cfg: dict, resume_run_id: str | None = None, data: LTData | Non
             print(f"\ninterrupted after epoch {done} of {s['epochs']}: run {run_id} is KILLED with a checkpoint at "
                   f"epoch {saved['epoch']}; continue it with: {resume_command(run_id)}", file=sys.stderr, flush=True)
             raise
-        log_per_class(reports, data)
+        log_results(run_id, reports, data)
         mlflow.set_tag("epochs_done", str(s["epochs"]))
         return run_id
 
 
-def log_per_class(reports: dict, data: LTData) -> None:
-    """Per-class accuracy table (CSV) for each evaluated split."""
-    import pandas as pd
+def log_results(run_id: str, reports: dict, data: LTData) -> None:
+    """Per-class accuracy table, confusion matrix, per-class figure and learning curves of a stage-1 run."""
+    from .plots import learning_curves_figure, log_accuracy_report, log_figure
 
-    if not reports:
-        return
-    table = pd.DataFrame({"class": data.classes, "train_count": data.counts.tolist()})
-    for split, rep in reports.items():
-        table[f"{split}_acc"] = rep["per_class"].tolist()
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / "per_class_accuracy.csv"
-        table.to_csv(p, index=False)
-        mlflow.log_artifact(str(p), "results")
+    log_accuracy_report(reports, data.classes, data.counts.tolist())
+    client = mlflow.MlflowClient()
+    history = {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)]
+               for k in ("train_loss", "train_acc", "val_top1", "test_top1")}
+    log_figure(learning_curves_figure(history), "plots/learning_curves.png")

@@ -19,6 +19,7 @@ from .features import DEFAULT_CACHE, FeatureSet, get_features, require_features
 from .inference import pick_device
 from .metrics import flat_metrics
 from .models import ImageClassifier
+from .plots import log_accuracy_report
 from .params import Stage2Params
 from .stage2 import fit_stage2, validate_for_features
 
@@ -68,23 +69,6 @@ def log_history(run_id: str, history: list[dict]) -> None:
         mlflow.tracking.MlflowClient().log_batch(run_id, metrics=metrics[i:i + 1000], synchronous=True)
 
 
-def log_results(reports: dict, fs: FeatureSet, plots: bool = True) -> None:
-    from . import plots as P
-
-    counts = fs.counts.tolist()
-    table = pd.DataFrame({"class": fs.classes, "train_count": counts})
-    for split, rep in reports.items():
-        table[f"{split}_acc"] = rep["per_class"].tolist()
-    with tempfile.TemporaryDirectory() as d:
-        table.to_csv(Path(d) / "per_class_accuracy.csv", index=False)
-        mlflow.log_artifact(str(Path(d) / "per_class_accuracy.csv"), "results")
-    if plots:
-        P.log_figure(P.confusion_figure(reports["test"]["confusion"], fs.classes,
-                                        "test confusion matrix (row-normalised, %)"), "plots/confusion_test.png")
-        P.log_figure(P.per_class_figure({s: r["per_class"] for s, r in reports.items()}, counts, fs.classes),
-                     "plots/per_class_accuracy.png")
-
-
 def classifier_model(ckpt: dict, clf, fs: FeatureSet) -> ImageClassifier:
     return ImageClassifier(model_from_checkpoint(ckpt), clf.cpu(), fs.meta["mean"], fs.meta["std"]).eval()
 
@@ -117,6 +101,8 @@ def run_stage2(bb: Backbone, p: Stage2Params, *, parent_run_id: str | None = Non
                            "data.dataset": bb.dataset, "data.imbalance_factor": bb.data_cfg.get("imbalance_factor"),
                            "data.seed": bb.data_cfg.get("seed"), "data.train_counts": str(fs.counts.tolist()),
                            "feature_cache": fs.path})
+        tracking.log_dataset(bb.fs.meta.get("data_spec", bb.data_cfg), fs.classes, fs.counts.tolist(),
+                             fs.meta.get("key", "features"), context="stage-2 features")
         clf, history, reports, info = fit_stage2(fs, p, on_epoch=on_epoch, log=print if progress else (lambda *a: None))
         log_history(run.info.run_id, history)
         final = {**flat_metrics(reports["val"], "val"), **flat_metrics(reports["test"], "test"),
@@ -124,7 +110,7 @@ def run_stage2(bb: Backbone, p: Stage2Params, *, parent_run_id: str | None = Non
         mlflow.log_metrics(final)
         mlflow.set_tags({"method_used": info["method_used"], "head_classes": str(info["head_classes"])})
         if plots:
-            log_results(reports, fs)
+            log_accuracy_report(reports, fs.classes, fs.counts.tolist())
         if model:
             with tempfile.TemporaryDirectory() as d:
                 torch.save({"classifier_state": clf.state_dict(), "classifier": p.classifier,

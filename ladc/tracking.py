@@ -11,6 +11,7 @@ import platform
 import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import mlflow
@@ -61,7 +62,8 @@ def setup_tracking() -> str:
     mlruns/artifacts). Returns the URI in use. A new sqlite store is created under a lock, so processes
     started together do not race on its tables."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    for name in ("mlflow.store.db.utils", "alembic.runtime.migration", "mlflow.tracking.fluent"):
+    for name in ("mlflow.store.db.utils", "alembic.runtime.migration", "mlflow.tracking.fluent",
+                 "mlflow.tracking._model_registry.fluent", "mlflow.models.model", "mlflow.pyfunc"):
         logging.getLogger(name).setLevel(logging.WARNING)
     uri = tracking_uri()
     check_tracking_store(uri)
@@ -91,13 +93,26 @@ def experiment_id(dataset: str) -> str:
     uri = mlflow.get_tracking_uri()
     name = f"ladc-{dataset}"
     exp = mlflow.get_experiment_by_name(name)
-    if exp is not None:
+    if exp is not None and EXPERIMENT_KIND[0] in exp.tags:
         return exp.experiment_id
-    root = _artifact_root(uri)
-    try:
-        return mlflow.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
-    except mlflow.exceptions.MlflowException:  # created meanwhile by another process
-        return mlflow.get_experiment_by_name(name).experiment_id
+    if exp is None:
+        root = _artifact_root(uri)
+        try:
+            exp_id = mlflow.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+        except mlflow.exceptions.MlflowException:  # created meanwhile by another process
+            exp_id = mlflow.get_experiment_by_name(name).experiment_id
+    else:
+        exp_id = exp.experiment_id
+    client = mlflow.MlflowClient()
+    client.set_experiment_tag(exp_id, "mlflow.note.content", (
+        f"LADC on {dataset}: stage-1 backbones (stage1-...), stage-2 fits (stage2-...), the paper's tables "
+        f"(table-...) and Optuna studies (study-..., whose nested runs are the trials). Add the columns "
+        f"params m/alpha/beta/tau and metrics val_top1/test_top1 to compare runs."))
+    client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)  # open in the model-training view, not GenAI's
+    return exp_id
+
+
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def code_version() -> str:
@@ -184,20 +199,60 @@ def list_runs(dataset: str | None = None, stage: str | None = None, max_results:
     return df.rename(columns=lambda c: c.split(".")[-1] if c != "tags.mlflow.runName" else "name")
 
 
-def latest_stage1_run(data_cfg: dict) -> str | None:
-    """The newest FINISHED stage-1 run with the same dataset spec (dataset, imbalance factor, seed,
-    validation size), or None."""
+def latest_stage1_run(data_cfg: dict, statuses=("FINISHED",)) -> str | None:
+    """The newest stage-1 run in one of `statuses` with the same dataset spec (dataset, imbalance factor,
+    seed, validation size), or None."""
     def num(v):
         try:
             return float(v)
         except (TypeError, ValueError):
             return v
 
-    df = mlflow.search_runs(search_all_experiments=True, order_by=["attributes.end_time DESC"],
-                            filter_string=f"tags.stage = 'stage1' and tags.dataset = '{data_cfg['dataset']}' "
-                                          f"and attributes.status = 'FINISHED'")
+    df = mlflow.search_runs(search_all_experiments=True, order_by=["attributes.start_time DESC"],
+                            filter_string=f"tags.stage = 'stage1' and tags.dataset = '{data_cfg['dataset']}'")
+    if df.empty:
+        return None
+    df = df[df.status.isin(statuses)]
     keys = [k for k in ("imbalance_factor", "seed", "val_per_class") if k in data_cfg]
     for _, row in df.iterrows():
         if all(num(row.get(f"params.data.{k}")) == num(data_cfg.get(k)) for k in keys):
             return row.run_id
     return None
+
+
+def interrupted_stage1_run(data_cfg: dict) -> str | None:
+    """The newest stage-1 run of this data spec that was interrupted (KILLED, FAILED, or RUNNING with no
+    live process: a kill -9) and has a checkpoint to continue from, or None."""
+    run_id = latest_stage1_run(data_cfg, statuses=("KILLED", "FAILED", "RUNNING"))
+    if run_id is None:
+        return None
+    run = mlflow.get_run(run_id)
+    if run.info.status == "RUNNING" and time.time() * 1000 - run_last_activity(run_id) < 10 * 60 * 1000:
+        return None  # probably still training in another process
+    has_ckpt = any(a.path == "checkpoints/last.pt" for a in mlflow.MlflowClient().list_artifacts(run_id, "checkpoints"))
+    return run_id if has_ckpt else None
+
+
+def run_last_activity(run_id: str) -> float:
+    """Milliseconds timestamp of a run's last logged train_loss (its start when none)."""
+    hist = mlflow.MlflowClient().get_metric_history(run_id, "train_loss")
+    return max([m.timestamp for m in hist], default=mlflow.get_run(run_id).info.start_time)
+
+
+def log_dataset(spec: dict, classes, counts, digest: str, context: str = "training") -> None:
+    """The long-tailed training set as an MLflow dataset input of the active run (the UI's Dataset
+    column): name from the spec, a digest of the spec, and the per-class counts as its table."""
+    import pandas as pd
+
+    imf = spec.get("imbalance_factor")
+    name = f"{spec.get('dataset')}" + (f"-if{imf:g}" if isinstance(imf, (int, float)) else "") + f"-s{spec.get('seed', 0)}"
+    df = pd.DataFrame({"class": list(classes), "train_count": [int(c) for c in counts]})
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # MLflow's hint about integer columns with missing values: none here
+            warnings.simplefilter("ignore", UserWarning)
+            ds = mlflow.data.from_pandas(df, name=name, digest=digest[:16])
+        mlflow.log_input(ds, context=context)
+    except Exception as e:  # the dataset is a convenience for the UI; never fail a run over it
+        logging.getLogger(__name__).warning("dataset input not logged: %s", e)

@@ -53,12 +53,25 @@ def check_study(env: dict, tmp: Path, study: str, n_trials: int, storage: str | 
             "parents": len(mlflow.search_runs(search_all_experiments=True, filter_string="tags.stage = 'study'"))}
 
 
+def journal_counts(tmp: Path, storage: str | None) -> str:
+    """Trial states of the study, read in a child process (this one must not hold the stores open)."""
+    code = ("import optuna, sys; from ladc.tuning import open_storage; from pathlib import Path; "
+            "optuna.logging.set_verbosity(optuna.logging.ERROR); "
+            "st, _ = open_storage(sys.argv[1] or None, Path(sys.argv[2]) / 'optuna'); "
+            "s = optuna.load_study(study_name='chaos', storage=st); "
+            "from collections import Counter; print(dict(Counter(t.state.name for t in s.trials)))")
+    r = subprocess.run([sys.executable, "-c", code, storage or "", str(tmp)], capture_output=True, text=True,
+                       cwd=ROOT)
+    return r.stdout.strip() or "no study yet"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-trials", type=int, default=20)
     ap.add_argument("--kills", type=int, default=5, help="kill -9 the study this many times at random delays")
     ap.add_argument("--workers", type=int, default=1, help="processes started at once for each attempt")
-    ap.add_argument("--max-delay", type=float, default=12.0, help="kills happen after U(1, max-delay) seconds")
+    ap.add_argument("--min-delay", type=float, default=4.0, help="kills happen after U(min-delay, max-delay) s")
+    ap.add_argument("--max-delay", type=float, default=16.0)
     ap.add_argument("--storage", help="sqlite:///... or a .log path (default: the journal under the temp store)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -76,13 +89,13 @@ def main(argv=None) -> int:
         for k in range(args.kills):
             procs = [subprocess.Popen(cmd, env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                      for _ in range(args.workers)]
-            delay = rng.uniform(1, args.max_delay)
+            delay = rng.uniform(args.min_delay, args.max_delay)
             time.sleep(delay)
             for p in procs:
                 p.send_signal(signal.SIGKILL)
             for p in procs:
                 p.wait()
-            print(f"kill {k + 1}: SIGKILL after {delay:.1f}s")
+            print(f"kill {k + 1}: SIGKILL after {delay:.1f}s; study so far: {journal_counts(tmp, storage)}", flush=True)
         procs = [subprocess.Popen(cmd, env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for _ in range(args.workers)]
         outs = [p.communicate(timeout=1800) for p in procs]

@@ -33,6 +33,12 @@ def test_stage1_learns_and_is_tracked(store):
     assert ckpt["epoch"] == 6 and ckpt["num_classes"] == 5
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "results")}
     assert "results/per_class_accuracy.csv" in arts
+    plots = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "plots")}
+    assert {"plots/learning_curves.png", "plots/confusion_test.png", "plots/per_class_accuracy.png"} <= plots
+    ds = run.inputs.dataset_inputs[0].dataset  # the UI's Dataset column
+    assert ds.name == "synthetic_lt-if10-s0" and ds.digest == mlflow.get_run(run_id).data.tags["data_spec_key"]
+    exp = mlflow.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development" and exp.tags["mlflow.note.content"]
 
 
 def test_resume_continues_from_checkpoint_epoch(store, monkeypatch):

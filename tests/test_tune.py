@@ -222,3 +222,38 @@ def test_mlflow_models_serve_answers_on_loopback(env):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_ctrl_c_during_backbone_then_same_tune_command_continues_it(tmp_path, monkeypatch, capsys):
+    import ladc.tracking as T
+    from ladc import stage1
+    from ladc.cli import tune_main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(T, "MLRUNS", tmp_path / "mlruns")
+    monkeypatch.chdir(tmp_path)
+    real, calls = stage1.evaluate, {"n": 0}
+
+    def ctrl_c_on_second_eval(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(stage1, "evaluate", ctrl_c_on_second_eval)
+    argv = ["--dataset", "synthetic_lt", "--n-trials", "2", "--quiet", "--stage2-epochs", "2",
+            "--set", "stage2.milestones=[1]"]
+    with pytest.raises(SystemExit) as e:
+        tune_main(argv)
+    assert e.value.code == 130
+    err = capsys.readouterr().err
+    killed = mlflow.search_runs(search_all_experiments=True, filter_string="tags.stage = 'stage1'")
+    assert killed.status.tolist() == ["KILLED"]
+    run_id = killed.run_id[0]
+    assert f"python train.py stage1 --resume {run_id}" in err
+    monkeypatch.setattr(stage1, "evaluate", real)
+    res = tune_main(argv)
+    assert res["backbone_run"] == run_id and mlflow.get_run(run_id).info.status == "FINISHED"
+    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "train_loss")]
+    assert sorted(steps) == list(range(1, 7))  # every epoch once: continued, not restarted
+    assert len(mlflow.search_runs(search_all_experiments=True, filter_string="tags.stage = 'stage1'")) == 1

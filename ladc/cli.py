@@ -52,7 +52,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 def add_set_arg(p: argparse.ArgumentParser, sections: str) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help=f"override any config value of {sections}, e.g. --set stage2.tau=1.1 (repeatable)")
+                   help=f"override any config value of {sections}, e.g. --set {sections.split()[0].rstrip(',')}.KEY=VALUE "
+                        f"(repeatable)")
 
 
 def add_stage1_args(p: argparse.ArgumentParser) -> None:
@@ -168,6 +169,7 @@ def cmd_stage1(args) -> None:
         tracking.check_tracking_store()
         run_id = train_stage1({}, resume_run_id=args.resume)
     else:
+        only_sections(args.set, ("data", "stage1"), "stage1")
         cfg = resolve_config(args)
         tracking.check_tracking_store()
         run_id = train_stage1(cfg)
@@ -196,7 +198,8 @@ def cmd_stage2(args) -> None:
     run_id, reports, _, info, _ = run_stage2(bb, p)
     t = reports["test"]
     print(f"stage-2 run {run_id} ({info['method_used']} + {p.classifier}): val top-1 {reports['val']['top1']:.2f}  "
-          f"test top-1 {t['top1']:.2f}  many {t['many']:.2f}  medium {t['medium']:.2f}  few {t['few']:.2f}")
+          f"test top-1 {t['top1']:.2f}  " + "  ".join(f"{k} {t[k]:.2f}" if t[k] == t[k] else f"{k} n/a (no such class)"
+                                                     for k in ("many", "medium", "few")))
 
 
 def cmd_table(args) -> None:

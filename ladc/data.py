@@ -279,6 +279,8 @@ def load_imagefolder(data_root: str | Path, imbalance_factor: float | None, seed
         avail = np.bincount(y, minlength=C)
         counts = longtail_counts(int(avail.max()), C, imbalance_factor)
         order = np.argsort(-avail, kind="stable")
+        check(min(counts) >= 1, f"{root}: imbalance factor {imbalance_factor} leaves the smallest class "
+                                f"{min(counts)} images (the largest has {int(avail.max())}): lower --imbalance-factor")
         check((avail[order] >= np.asarray(counts)).all(),
               f"{root}: some class has fewer images than the long-tailed profile needs: "
               f"set data.imbalance_factor to null to use the data as it is")
@@ -325,7 +327,16 @@ def make_synthetic(num_classes: int = 5, n_max: int = 200, imbalance_factor: flo
 
 
 def build_dataset(cfg: dict) -> LTData:
-    """Dataset factory from the `data` config section."""
+    """Dataset factory from the `data` config section; every class must keep a training image."""
+    data = _build(cfg)
+    empty = [data.classes[c] for c, n in enumerate(data.counts.tolist()) if n == 0]
+    check(not empty, f"class(es) {', '.join(map(str, empty[:5]))}{' ...' if len(empty) > 5 else ''} get no training "
+                     f"image with imbalance factor {cfg.get('imbalance_factor')} and val_per_class "
+                     f"{cfg.get('val_per_class', 100)}: lower --imbalance-factor, lower data.val_per_class or add images")
+    return data
+
+
+def _build(cfg: dict) -> LTData:
     name = cfg.get("dataset")
     check(name in DATASETS, f"unknown dataset '{name}': choose one of {', '.join(DATASETS)}")
     imf = cfg.get("imbalance_factor", 100)

@@ -4,6 +4,9 @@ import functools
 import sys
 
 
+REPORTED = "reported"  # KeyboardInterrupt("reported"): the interrupted command printed its own message
+
+
 class LadcError(Exception):
     """A user-facing problem: the message names the problem and the fix."""
 
@@ -23,8 +26,13 @@ def cli_main(fn):
         except LadcError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
+        except KeyboardInterrupt as e:
+            if not (e.args and e.args[0] == REPORTED):  # stage 1 already said how to continue
+                print("interrupted", file=sys.stderr)
             sys.exit(130)
+        except BrokenPipeError:  # `python train.py runs | head`: the reader left, nothing to say
+            import os
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
 
     return wrapper

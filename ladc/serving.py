@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import warnings
 from pathlib import Path
 
 import mlflow
@@ -44,25 +43,24 @@ def to_nchw(images: np.ndarray) -> torch.Tensor:
     return x.contiguous()
 
 
-with warnings.catch_warnings():  # MLflow asks for type hints on predict: numpy in, numpy out, validated here
-    warnings.filterwarnings("ignore", message=".*Add type hints to the `predict`")
+class LadcPyfunc(mlflow.pyfunc.PythonModel):
+    _skip_type_hint_validation = True  # numpy in, numpy out, checked in predict (no MLflow type-hint warning)
 
-    class LadcPyfunc(mlflow.pyfunc.PythonModel):
-        def load_context(self, context):
-            state = torch.load(context.artifacts["classifier"], map_location="cpu", weights_only=True)
-            self.model = build_classifier(state)
+    def load_context(self, context):
+        state = torch.load(context.artifacts["classifier"], map_location="cpu", weights_only=True)
+        self.model = build_classifier(state)
 
-        def predict(self, context, model_input, params=None):
-            output = (params or {}).get("output", "class_id")
-            if output not in OUTPUTS:
-                raise invalid(f"params output={output!r} is not one of {', '.join(OUTPUTS)}")
-            if hasattr(model_input, "to_numpy"):  # a DataFrame from the scoring server
-                model_input = np.stack(model_input.iloc[:, 0].to_list())
-            with torch.no_grad():
-                logits = self.model(to_nchw(model_input))
-            if output == "logits":
-                return logits.numpy()
-            return logits.argmax(1).numpy()
+    def predict(self, context, model_input, params=None):
+        output = (params or {}).get("output", "class_id")
+        if output not in OUTPUTS:
+            raise invalid(f"params output={output!r} is not one of {', '.join(OUTPUTS)}")
+        if hasattr(model_input, "to_numpy"):  # a DataFrame from the scoring server
+            model_input = np.stack(model_input.iloc[:, 0].to_list())
+        with torch.no_grad():
+            logits = self.model(to_nchw(model_input))
+        if output == "logits":
+            return logits.numpy()
+        return logits.argmax(1).numpy()
 
 
 OUTPUTS = ("class_id", "logits")

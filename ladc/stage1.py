@@ -18,7 +18,7 @@ from tqdm import tqdm
 from . import augment, tracking
 from .checkpoints import download_checkpoint, model_from_checkpoint, save_checkpoint
 from .data import LTData, build_dataset
-from .errors import LadcError, check
+from .errors import REPORTED, LadcError, check
 from .inference import evaluate, pick_device
 from .metrics import flat_metrics
 from .models import create_model
@@ -151,8 +151,7 @@ def train_stage1(cfg: dict, resume_run_id: str | None = None, data: LTData | Non
     tags = {"stage": "stage1", "dataset": cfg["data"]["dataset"], "backbone": s["backbone"],
             "imbalance_factor": str(cfg["data"].get("imbalance_factor")), "data_spec_key": data.spec_key(),
             **tracking.environment_tags(device)}
-    with tracking.tracked_run(run_name(cfg), experiment=exp, run_id=resume_run_id, tags=tags) as run, \
-            tempfile.TemporaryDirectory(prefix="ladc-ckpt-") as tmpdir:
+    with tracking.tracked_run(run_name(cfg), experiment=exp, run_id=resume_run_id, tags=tags) as run:
         run_id = run.info.run_id
         if ckpt is None:
             mlflow.log_params(tracking.flatten({k: cfg[k] for k in ("data", "stage1")}))
@@ -167,12 +166,12 @@ def train_stage1(cfg: dict, resume_run_id: str | None = None, data: LTData | Non
         else:
             print(f"resuming run {run_id} after epoch {start_epoch}")
             seen = logged_steps(run_id, ("train_loss", "val_top1"))
-        ckpt_path = Path(tmpdir) / "last.pt"
         saved = {"epoch": start_epoch, "time": time.monotonic()}
 
-        def checkpoint(epoch: int) -> None:
-            save_checkpoint(ckpt_path, model, optimizer, epoch, cfg, data)
-            mlflow.log_artifact(str(ckpt_path), "checkpoints")
+        def checkpoint(epoch: int) -> None:  # the temp folder exists only while the file is written and logged
+            with tempfile.TemporaryDirectory(prefix="ladc-ckpt-") as tmpdir:
+                save_checkpoint(Path(tmpdir) / "last.pt", model, optimizer, epoch, cfg, data)
+                mlflow.log_artifact(str(Path(tmpdir) / "last.pt"), "checkpoints")
             saved.update(epoch=epoch, time=time.monotonic())
 
         bar = tqdm(desc=run_name(cfg), disable=not progress, unit="step", initial=start_epoch * steps_per_epoch,
@@ -228,7 +227,7 @@ def train_stage1(cfg: dict, resume_run_id: str | None = None, data: LTData | Non
                 checkpoint(done)
             print(f"\ninterrupted after epoch {done} of {s['epochs']}: run {run_id} is KILLED with a checkpoint at "
                   f"epoch {saved['epoch']}; continue it with: {resume_command(run_id)}", file=sys.stderr, flush=True)
-            raise
+            raise KeyboardInterrupt(REPORTED) from None
         log_results(run_id, reports, data)
         mlflow.set_tag("epochs_done", str(s["epochs"]))
         return run_id

@@ -31,20 +31,20 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
-def check_writable_dir(folder: Path, what: str) -> None:
-    """A one-line error unless `folder` (or, when it does not exist yet, its nearest existing parent) is a
-    folder this process can write in. Creates nothing."""
+def check_writable_dir(folder: Path, what: str, fix: str) -> None:
+    """A one-line error (`what`, the problem, `fix`) unless `folder` can be written in, or created where it
+    does not exist yet (its nearest existing parent is a writable folder). Creates nothing."""
     folder = Path(folder).resolve()
     probe = folder
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
+    verb = "write in" if probe == folder else "create"
     if not probe.is_dir():
-        raise LadcError(f"{what}: {probe} is not a folder; pick another location")
+        raise LadcError(f"{what}: cannot {verb} {folder} ({probe} is not a folder); {fix}")
     try:
         tempfile.TemporaryFile(dir=probe).close()
     except OSError as e:
-        raise LadcError(f"{what}: cannot write in {probe} ({e.strerror}); pick a writable location "
-                        f"(or set MLFLOW_TRACKING_URI)") from None
+        raise LadcError(f"{what}: cannot {verb} {folder} ({e.strerror} in {probe}); {fix}") from None
 
 
 def check_tracking_store(uri: str | None = None) -> None:
@@ -52,7 +52,9 @@ def check_tracking_store(uri: str | None = None) -> None:
     uri = uri or tracking_uri()
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
-        check_writable_dir(db.parent, f"tracking store {uri}")
+        fix = ("set MLFLOW_TRACKING_URI to a writable sqlite:///PATH" if os.environ.get("MLFLOW_TRACKING_URI")
+               else "run from a writable folder or set MLFLOW_TRACKING_URI=sqlite:///PATH")
+        check_writable_dir(db.parent, f"tracking store {uri}", fix)
         if db.exists() and not os.access(db, os.W_OK):
             raise LadcError(f"tracking store {db} is read-only: make it writable or set MLFLOW_TRACKING_URI")
 
@@ -196,7 +198,7 @@ def list_runs(dataset: str | None = None, stage: str | None = None, max_results:
     cols = ["run_id", "tags.mlflow.runName", "status", "tags.stage", "tags.dataset", "metrics.val_top1",
             "metrics.test_top1", "start_time"]
     df = df[[c for c in cols if c in df.columns]]
-    return df.rename(columns=lambda c: c.split(".")[-1] if c != "tags.mlflow.runName" else "name")
+    return df.rename(columns=lambda c: c.split(".")[-1] if c != "tags.mlflow.runName" else "name").round(2)
 
 
 def latest_stage1_run(data_cfg: dict, statuses=("FINISHED",)) -> str | None:
@@ -252,7 +254,6 @@ def log_dataset(spec: dict, classes, counts, digest: str, context: str = "traini
     try:
         with warnings.catch_warnings():  # MLflow's hint about integer columns with missing values: none here
             warnings.simplefilter("ignore", UserWarning)
-            ds = mlflow.data.from_pandas(df, name=name, digest=digest[:16])
-        mlflow.log_input(ds, context=context)
+            mlflow.log_input(mlflow.data.from_pandas(df, name=name, digest=digest[:16]), context=context)
     except Exception as e:  # the dataset is a convenience for the UI; never fail a run over it
         logging.getLogger(__name__).warning("dataset input not logged: %s", e)

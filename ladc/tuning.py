@@ -65,13 +65,14 @@ def check_storage(storage: str | None, default_dir: Path) -> None:
     if storage is None or storage.endswith(".log") or storage.startswith("journal:"):
         path = journal_path(storage, default_dir)
         where = "--storage" if storage else "the default Optuna journal"
-        tracking.check_writable_dir(path.parent, f"{where} {path}")
+        tracking.check_writable_dir(path.parent, f"{where} {path}", "pass a writable --storage path")
         check(not path.exists() or path.is_file(), f"{where} {path} is not a file: pass a .log file path")
         return
     scheme = storage.split(":", 1)[0].split("+", 1)[0]
     if scheme == "sqlite":
         check(storage.startswith("sqlite:///"), f"--storage {storage}: write sqlite URLs as sqlite:///PATH")
-        tracking.check_writable_dir(Path(storage[len("sqlite:///"):]).parent, f"--storage {storage}")
+        tracking.check_writable_dir(Path(storage[len("sqlite:///"):]).parent, f"--storage {storage}",
+                                    "pass a writable sqlite:///PATH")
         return
     drivers = {"postgresql": ("psycopg2", "psycopg2-binary"), "mysql": ("pymysql", "pymysql")}
     check(scheme in drivers, f"--storage {storage}: unknown storage; use a .log journal file, sqlite:///PATH, "

@@ -59,10 +59,15 @@ def train_step(model, optimizer, xb, yb, counts, s: dict, randaug, mean, std, am
 
 
 def run_name(cfg: dict) -> str:
-    d = cfg["data"]
+    """What tells stage-1 runs of one experiment (= one dataset) apart comes first, so a truncated name in
+    the UI still does: `stage1 e400 remix+ra s0 resnet32 if100` (training seed s, data seed d when it
+    differs)."""
+    d, s = cfg["data"], cfg["stage1"]
+    aug = "+".join(k for k, on in (("remix", s.get("remix")), ("ra", s.get("randaugment"))) if on) or "plain"
+    seed, dseed = s.get("seed", 0), d.get("seed", 0)
     imf = d.get("imbalance_factor")
-    return f"stage1-{cfg['stage1']['backbone']}-{d['dataset']}-if{imf:g}-s{d.get('seed', 0)}" if imf else \
-        f"stage1-{cfg['stage1']['backbone']}-{d['dataset']}-s{d.get('seed', 0)}"
+    return (f"stage1 e{s['epochs']} {aug} s{seed}" + (f" d{dseed}" if dseed != seed else "")
+            + f" {s['backbone']}" + (f" if{imf:g}" if imf else ""))
 
 
 def resume_command(run_id: str) -> str:
@@ -98,6 +103,17 @@ def announce_duration(timing: dict, s: dict, epoch: int, it: int, steps_per_epoc
         msg += (f"; for a shorter run pass --epochs {short} (about 15 min here; tune.py: --backbone-epochs "
                 f"{short}); Ctrl-C keeps a checkpoint, `python train.py stage1 --resume {run_id}` continues")
     tqdm.write(msg, file=sys.stderr)
+
+
+def warn_if_near_chance(reports: dict, num_classes: int, epochs: int) -> None:
+    """Say at the end of the run, not later, when the backbone learned next to nothing."""
+    val = reports.get("val", {}).get("top1")
+    chance = 100.0 / num_classes
+    if val is not None and val < 1.5 * chance:
+        msg = (f"validation top-1 {val:.1f}% is near chance ({chance:.1f}%) after {epochs} epochs: this backbone "
+               f"learned little; train longer (--epochs) before building on it")
+        mlflow.set_tag("warning", msg)
+        print(f"warning: {msg}", file=sys.stderr)
 
 
 def logged_steps(run_id: str, keys) -> dict[str, set]:
@@ -146,6 +162,13 @@ def train_stage1(cfg: dict, resume_run_id: str | None = None, data: LTData | Non
     n = len(data.train_y)
     bs = s["batch_size"]
     steps_per_epoch = math.ceil(n / bs)
+    if ckpt is None and s.get("min_steps", 0) > s["epochs"] * steps_per_epoch:
+        from .config import scale_schedule
+        epochs = math.ceil(s["min_steps"] / steps_per_epoch)
+        data.notes.append(f"{n} training images give {steps_per_epoch} steps per epoch: {s['epochs']} epochs are fewer "
+                          f"than stage1.min_steps {s['min_steps']}, so the run trains {epochs} epochs (milestones "
+                          f"scaled with it)")
+        scale_schedule(s, epochs)
     amp = device.type == "cuda"
     exp = tracking.experiment_id(cfg["data"]["dataset"])
     tags = {"stage": "stage1", "dataset": cfg["data"]["dataset"], "backbone": s["backbone"],
@@ -230,6 +253,7 @@ def train_stage1(cfg: dict, resume_run_id: str | None = None, data: LTData | Non
             raise KeyboardInterrupt(REPORTED) from None
         log_results(run_id, reports, data)
         mlflow.set_tag("epochs_done", str(s["epochs"]))
+        warn_if_near_chance(reports, data.num_classes, s["epochs"])
         return run_id
 
 

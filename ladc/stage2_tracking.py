@@ -54,10 +54,11 @@ def load_backbone(run_id: str, data_root: str | None = None, cache_dir=DEFAULT_C
 
 
 def run_name(p: Stage2Params) -> str:
-    name = f"stage2-{p.method}-{p.classifier}"
+    """`ladc+lws_plus m2 a0.1 b0.6 t1.2`, `cbs+crt s1`: the method first (the stage is a tag)."""
+    name = f"{p.method}+{p.classifier}"
     if p.method in ("ladc", "ladc_avg"):
-        name += f"-m{p.m}-a{p.alpha:.3g}-b{p.beta:.3g}-t{p.tau:.3g}"
-    return name
+        name += f" m{p.m} a{p.alpha:.3g} b{p.beta:.3g} t{p.tau:.3g}"
+    return name + (f" s{p.seed}" if p.seed else "")
 
 
 def log_history(run_id: str, history: list[dict]) -> None:

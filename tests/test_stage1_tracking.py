@@ -140,3 +140,15 @@ def test_cli_bad_input_subprocess_has_no_traceback(store, tmp_path):
 def test_help_lists_commands():
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "stage1" in r.stdout and "stage2" in r.stdout and "table" in r.stdout
+
+
+def test_small_set_trains_min_steps_and_a_useless_backbone_is_flagged(store, capsys):
+    # 430 synthetic images at batch 64 = 7 steps per epoch: 2 epochs are 14 steps < min_steps 20 -> 3 epochs
+    run_id = stage1.train_stage1(synthetic_cfg(epochs=2, min_steps=20, eval_every=1, lr=1e-6, warmup_epochs=0,
+                                               milestones=[2]), progress=False)
+    run = mlflow.get_run(run_id)
+    assert [m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "train_loss")] == [1, 2, 3]
+    assert run.data.params["stage1.epochs"] == "3" and run.info.run_name.startswith("stage1 e3 remix s0")
+    err = capsys.readouterr()
+    assert "stage1.min_steps 20" in err.out
+    assert "near chance" in run.data.tags["warning"] and "near chance" in err.err  # lr 1e-6 learns nothing

@@ -53,6 +53,19 @@ def check_study(env: dict, tmp: Path, study: str, n_trials: int, storage: str | 
             "parents": len(mlflow.search_runs(search_all_experiments=True, filter_string="tags.stage = 'study'"))}
 
 
+def wait_for_study(tmp: Path, storage: str | None, procs, limit: float = 300.0) -> float:
+    """Seconds until the study's storage holds a trial (journal: a few records; sqlite: the file), so
+    that kills land inside the study, not in the start-up of a slow machine."""
+    path = Path(storage[len("sqlite:///"):]) if storage and storage.startswith("sqlite:///") else \
+        Path(storage) if storage else tmp / "optuna" / "journal.log"
+    t0 = time.time()
+    while time.time() - t0 < limit and all(p.poll() is None for p in procs):
+        if path.exists() and (path.suffix != ".log" or path.read_bytes().count(b"\n") > 8):
+            break
+        time.sleep(0.2)
+    return time.time() - t0
+
+
 def journal_counts(tmp: Path, storage: str | None) -> str:
     """Trial states of the study, read in a child process (this one must not hold the stores open)."""
     code = ("import optuna, sys; from ladc.tuning import open_storage; from pathlib import Path; "
@@ -70,8 +83,9 @@ def main(argv=None) -> int:
     ap.add_argument("--n-trials", type=int, default=20)
     ap.add_argument("--kills", type=int, default=5, help="kill -9 the study this many times at random delays")
     ap.add_argument("--workers", type=int, default=1, help="processes started at once for each attempt")
-    ap.add_argument("--min-delay", type=float, default=4.0, help="kills happen after U(min-delay, max-delay) s")
-    ap.add_argument("--max-delay", type=float, default=16.0)
+    ap.add_argument("--min-delay", type=float, default=0.0,
+                    help="kills happen U(min-delay, max-delay) seconds after the study has started")
+    ap.add_argument("--max-delay", type=float, default=8.0)
     ap.add_argument("--storage", help="sqlite:///... or a .log path (default: the journal under the temp store)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -89,13 +103,15 @@ def main(argv=None) -> int:
         for k in range(args.kills):
             procs = [subprocess.Popen(cmd, env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                      for _ in range(args.workers)]
+            started = wait_for_study(tmp, storage, procs)  # a loaded machine can take long to start
             delay = rng.uniform(args.min_delay, args.max_delay)
             time.sleep(delay)
             for p in procs:
                 p.send_signal(signal.SIGKILL)
             for p in procs:
                 p.wait()
-            print(f"kill {k + 1}: SIGKILL after {delay:.1f}s; study so far: {journal_counts(tmp, storage)}", flush=True)
+            print(f"kill {k + 1}: SIGKILL {delay:.1f}s after the study started ({started:.0f}s after launch); "
+                  f"study so far: {journal_counts(tmp, storage)}", flush=True)
         procs = [subprocess.Popen(cmd, env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for _ in range(args.workers)]
         outs = [p.communicate(timeout=1800) for p in procs]

@@ -343,6 +343,8 @@ def run_study(bb: Backbone, spec: StudySpec, log=print, state_dir: Path | None =
                           best_test_top1=best.user_attrs.get("test_top1"), n_run_here=ran)
             log(f"best trial {best.number}: {fmt_params(best.params)}  val {best.value:.2f}  "
                 f"test {best.user_attrs.get('test_top1', float('nan')):.2f}")
+            log(f"MLflow UI (after `mlflow ui --backend-store-uri {tracking.tracking_uri()}`): "
+                f"http://127.0.0.1:5000/#/experiments/{exp}/runs?workflowType=machine_learning")
             if spec.register and finished(study) >= spec.n_trials:
                 with FileLock(lock):  # several workers: the best trial is registered once
                     result.update(register_best(study, best, space, bb, spec, parent_id, name, worker, log))
@@ -461,6 +463,7 @@ def log_study_summary(study: optuna.Study, space: SearchSpace) -> None:
         return
     best = study.best_trial
     mlflow.log_metrics({"best_val_top1": best.value, "best_test_top1": best.user_attrs.get("test_top1", float("nan")),
+                        "val_top1": best.value, "test_top1": best.user_attrs.get("test_top1", float("nan")),  # UI columns
                         "n_complete": len(complete), "n_pruned": len(study.get_trials(states=(TrialState.PRUNED,)))})
     # tags, not params: a resumed study may find a new best, and params cannot change
     mlflow.set_tags({"best_trial": str(best.number), **{f"best_{k}": f"{v:.4g}" for k, v in best.params.items()}})

@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def tune_cmd(cache: Path, n_trials: int, study: str, storage: str | None) -> list[str]:
     cmd = [sys.executable, str(ROOT / "tune.py"), "--dataset", "synthetic_lt", "--cache-dir", str(cache),
-           "--n-trials", str(n_trials), "--study-name", study, "--stage2-epochs", "4",
-           "--set", "stage2.milestones=[2, 3]", "--no-promote"]
+           "--n-trials", str(n_trials), "--study-name", study, "--stage2-epochs", "30",
+           "--set", "stage2.milestones=[10, 20]", "--no-promote"]
     return cmd + (["--storage", storage] if storage else [])
 
 
@@ -54,15 +54,19 @@ def check_study(env: dict, tmp: Path, study: str, n_trials: int, storage: str | 
 
 
 def wait_for_study(tmp: Path, storage: str | None, procs, limit: float = 300.0) -> float:
-    """Seconds until the study's storage holds a trial (journal: a few records; sqlite: the file), so
-    that kills land inside the study, not in the start-up of a slow machine."""
+    """Seconds until this attempt writes to the study's storage, so that kills land inside the study,
+    not in the start-up of a slow machine."""
     path = Path(storage[len("sqlite:///"):]) if storage and storage.startswith("sqlite:///") else \
         Path(storage) if storage else tmp / "optuna" / "journal.log"
-    t0 = time.time()
+
+    def size():  # size and modification time: an sqlite file may change without growing
+        return (path.stat().st_size, path.stat().st_mtime_ns) if path.exists() else (0, 0)
+
+    before, t0 = size(), time.time()
     while time.time() - t0 < limit and all(p.poll() is None for p in procs):
-        if path.exists() and (path.suffix != ".log" or path.read_bytes().count(b"\n") > 8):
+        if size() != before:  # this attempt has written to the study: it is past its start-up
             break
-        time.sleep(0.2)
+        time.sleep(0.1)
     return time.time() - t0
 
 
@@ -85,7 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="processes started at once for each attempt")
     ap.add_argument("--min-delay", type=float, default=0.0,
                     help="kills happen U(min-delay, max-delay) seconds after the study has started")
-    ap.add_argument("--max-delay", type=float, default=8.0)
+    ap.add_argument("--max-delay", type=float, default=4.0)
     ap.add_argument("--storage", help="sqlite:///... or a .log path (default: the journal under the temp store)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

@@ -50,8 +50,9 @@ def register(model_uri: str, dataset: str, val_top1: float, test_top1: float, ta
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
         try:
-            client.create_registered_model(name, description=f"LADC classifiers for {dataset}: uint8 images "
-                                                             f"[B, H, W, 3] in, class ids out")
+            client.create_registered_model(name, description=f"LADC classifiers for {dataset}: images [B, H, W, 3] "
+                                                             f"of pixels 0..255 in; class ids, names, probabilities "
+                                                             f"or logits out (params output=...)")
         except mlflow.exceptions.MlflowException:
             pass  # created meanwhile by another worker
     mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in {  # tags with the version, at once

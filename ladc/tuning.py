@@ -438,7 +438,9 @@ def register_best(study, best, space: SearchSpace, bb: Backbone, spec: StudySpec
     version, promoted, prev = registry.register(
         info["model_uri"], bb.dataset, reports["val"]["top1"], reports["test"]["top1"],
         {"study": study_name, "trial": best.number, "backbone_run": bb.run_id, "run_id": rid,
-         **{k: getattr(bp, k) for k in ("m", "alpha", "beta", "tau", "method", "classifier")}}, promote=spec.promote)
+         **{k: f"{v:.4g}" if isinstance(v, float) else v
+            for k, v in ((k, getattr(bp, k)) for k in ("m", "alpha", "beta", "tau", "method", "classifier"))}},
+        promote=spec.promote)
     mlflow.set_tags({"registered_version": version, "promoted": str(promoted)})
     if promoted:
         log(f"registered {name} v{version} and promoted it to @champion"

@@ -337,12 +337,11 @@ def build_dataset(cfg: dict) -> LTData:
 
 
 def _build(cfg: dict) -> LTData:
+    from .params import data_section
+
+    data_section(cfg)  # the name, the imbalance factor, the counts
     name = cfg.get("dataset")
-    check(name in DATASETS, f"unknown dataset '{name}': choose one of {', '.join(DATASETS)}")
     imf = cfg.get("imbalance_factor", 100)
-    if imf is not None:
-        check(isinstance(imf, (int, float)) and imf >= 1,
-              f"imbalance factor {imf} is out of range: use a number >= 1 (1 = balanced)")
     seed = int(cfg.get("seed", 0))
     vpc = int(cfg.get("val_per_class", 100))
     check(vpc >= 0, f"val_per_class {vpc} is negative: use 0 or more")

@@ -69,10 +69,11 @@ def add_stage1_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-minutes", type=float, help="also checkpoint whenever this many minutes passed")
     g.add_argument("--seed", type=int, help="training seed")
     g.add_argument("--device", help="auto (default) | cpu | cuda | cuda:N")
+    g.add_argument("--precision", help="auto (default: bf16 where the CPU/GPU supports it, else fp32) | fp32 | bf16")
 
 
 STAGE1_FLAGS = ("backbone", "epochs", "milestones", "lr", "batch_size", "eval_every", "checkpoint_minutes", "seed",
-                "device", "dataset", "config", "data_root", "imbalance_factor", "data_seed")
+                "device", "precision", "dataset", "config", "data_root", "imbalance_factor", "data_seed")
 
 
 def add_stage2_args(p: argparse.ArgumentParser) -> None:
@@ -122,7 +123,7 @@ def resolve_config(args, sections=("data", "stage1")) -> dict:
     if hasattr(args, "backbone"):
         set_if_given(s1, backbone=args.backbone, epochs=args.epochs, milestones=args.milestones, lr=args.lr,
                      batch_size=args.batch_size, eval_every=args.eval_every, seed=args.seed, device=args.device,
-                     checkpoint_minutes=args.checkpoint_minutes)
+                     checkpoint_minutes=args.checkpoint_minutes, precision=args.precision)
         if args.no_remix:
             s1["remix"] = False
         if args.no_randaugment:

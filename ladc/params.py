@@ -124,7 +124,7 @@ STAGE1_KINDS = {"backbone": str, "epochs": int, "batch_size": int, "lr": float, 
                 "weight_decay": float, "warmup_epochs": int, "milestones": "ints", "lr_gamma": float,
                 "crop_padding": int, "remix": bool, "remix_alpha": float, "remix_kappa": float, "remix_tau": float,
                 "randaugment": bool, "randaug_num_ops": int, "randaug_magnitude": int, "randaug_group": int,
-                "eval_every": int, "checkpoint_every": int, "checkpoint_minutes": float, "min_steps": int, "seed": int,
+                "eval_every": int, "checkpoint_every": int, "checkpoint_minutes": float, "min_steps": int, "precision": str, "seed": int,
                 "device": str}
 
 
@@ -144,6 +144,7 @@ def stage1_section(s: dict) -> dict:
             out[k] = list(_typed("stage1", k, v, kind)) if kind == "ints" else _typed("stage1", k, v, kind)
     out.setdefault("checkpoint_minutes", 3.0)
     out.setdefault("min_steps", 0)
+    out.setdefault("precision", "auto")
     check(out["backbone"] in BACKBONES, f"unknown backbone '{out['backbone']}': choose one of {', '.join(BACKBONES)}")
     check(out["epochs"] > 0, f"epochs {out['epochs']} must be a positive integer")
     check(out["lr"] > 0, f"lr {out['lr']} must be > 0")
@@ -155,6 +156,8 @@ def stage1_section(s: dict) -> dict:
     check(out["checkpoint_every"] >= 1, f"checkpoint_every {out['checkpoint_every']} must be >= 1")
     check(out["checkpoint_minutes"] > 0, f"checkpoint_minutes {out['checkpoint_minutes']} must be > 0")
     check(out["min_steps"] >= 0, f"min_steps {out['min_steps']} must be >= 0")
+    check(out["precision"] in ("auto", "fp32", "bf16"), f"stage1.precision '{out['precision']}' must be auto (bf16 where "
+                                                        f"the device supports it), fp32 or bf16")
     check_device(out["device"], "stage1.device")
     return out
 

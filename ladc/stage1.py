@@ -19,7 +19,7 @@ from . import augment, tracking
 from .checkpoints import download_checkpoint, model_from_checkpoint, save_checkpoint
 from .data import LTData, build_dataset
 from .errors import REPORTED, LadcError, check
-from .inference import evaluate, pick_device
+from .inference import evaluate, pick_device, use_bf16
 from .metrics import flat_metrics
 from .models import create_model
 from .params import data_section, stage1_section
@@ -33,16 +33,14 @@ def lr_at(step: int, steps_per_epoch: int, s: dict) -> float:
     return s["lr"] * s["lr_gamma"] ** sum(epoch >= m for m in s["milestones"])
 
 
-def train_step(model, optimizer, xb, yb, counts, s: dict, randaug, mean, std, amp: bool):
-    """One stage-1 step on a uint8 batch: crop/flip, RandAugment, normalise, Remix, forward, backward, SGD.
-    Returns (loss, number of predictions matching the dominant label)."""
+def train_step(model, optimizer, xb, yb, counts, s: dict, randaug, mean, std, bf16: bool):
+    """One stage-1 step on a uint8 batch: crop/flip, RandAugment, normalise, Remix, forward, backward, SGD,
+    channels_last, under bf16 autocast when `bf16`. Returns (loss, predictions matching the dominant label)."""
     xb = augment.random_crop_flip(xb, padding=s["crop_padding"])
     if randaug is not None:
         xb = randaug(xb)
-    xb = augment.normalize(xb, mean, std)
-    if amp:
-        xb = xb.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(xb.device.type, dtype=torch.bfloat16, enabled=amp):
+    xb = augment.normalize(xb, mean, std).contiguous(memory_format=torch.channels_last)
+    with torch.autocast(xb.device.type, dtype=torch.bfloat16, enabled=bf16):
         if s["remix"]:
             xb, yi, yj, lam_y = augment.remix_batch(xb, yb, counts, s["remix_alpha"], s["remix_kappa"], s["remix_tau"])
             logits = model(xb)
@@ -144,9 +142,8 @@ def train_stage1(cfg: dict, resume_run_id: str | None = None, data: LTData | Non
         check(ckpt["num_classes"] == data.num_classes, f"checkpoint is for {ckpt['num_classes']} classes, "
                                                       f"the data has {data.num_classes}")
     model = model_from_checkpoint(ckpt) if ckpt else create_model(s["backbone"], data.num_classes)
-    model.to(device)
+    model = model.to(device, memory_format=torch.channels_last)  # faster convolutions on CPU and GPU alike
     if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
         data.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=s["lr"], momentum=s["momentum"],
                                 weight_decay=s["weight_decay"], nesterov=False)
@@ -169,11 +166,11 @@ def train_stage1(cfg: dict, resume_run_id: str | None = None, data: LTData | Non
                           f"than stage1.min_steps {s['min_steps']}, so the run trains {epochs} epochs (milestones "
                           f"scaled with it)")
         scale_schedule(s, epochs)
-    amp = device.type == "cuda"
+    bf16 = use_bf16(s["precision"], device)
     exp = tracking.experiment_id(cfg["data"]["dataset"])
     tags = {"stage": "stage1", "dataset": cfg["data"]["dataset"], "backbone": s["backbone"],
             "imbalance_factor": str(cfg["data"].get("imbalance_factor")), "data_spec_key": data.spec_key(),
-            **tracking.environment_tags(device)}
+            "precision": "bf16" if bf16 else "fp32", **tracking.environment_tags(device)}
     with tracking.tracked_run(run_name(cfg), experiment=exp, run_id=resume_run_id, tags=tags) as run:
         run_id = run.info.run_id
         if ckpt is None:
@@ -214,7 +211,7 @@ def train_stage1(cfg: dict, resume_run_id: str | None = None, data: LTData | Non
                         g["lr"] = lr_at(step, steps_per_epoch, s)
                     idx = perm[it * bs:(it + 1) * bs]
                     loss, correct = train_step(model, optimizer, data.train_x[idx], data.train_y[idx], counts, s,
-                                               randaug, data.mean, data.std, amp)
+                                               randaug, data.mean, data.std, bf16)
                     tot_loss += loss.detach() * len(idx)
                     tot_correct += correct
                     bar.update(1)
@@ -228,7 +225,7 @@ def train_stage1(cfg: dict, resume_run_id: str | None = None, data: LTData | Non
                 metrics = {"train_loss": loss_v, "train_acc": float(tot_correct) / n * 100,
                            "lr": optimizer.param_groups[0]["lr"], "throughput_img_s": n / dt, "epoch_time_s": dt}
                 if (epoch + 1) % s["eval_every"] == 0 or epoch + 1 == s["epochs"]:
-                    reports = evaluate(model, data, device)
+                    reports = evaluate(model, data, device, s["precision"])
                     for split, rep in reports.items():
                         metrics.update(flat_metrics(rep, split))
                 # a resumed run re-trains the epochs after its checkpoint: steps logged before the kill stay

@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from .config import apply_overrides, load_config, scale_schedule, set_if_given
+from .config import SECTIONS, apply_overrides, load_config, scale_schedule, set_if_given
 from .errors import check, cli_main
 from .params import SearchSpace, Stage2Params, data_section, stage1_section
 
@@ -142,12 +142,8 @@ def stage2_params(cfg_stage2: dict, args) -> Stage2Params:
 def precheck_stage2(args) -> None:
     """Type and range checks of the stage-2 flags and --set stage2.* before the backbone is fetched."""
     only_sections(args.set, ("stage2",), args.command)
-    overrides = {}
-    for item in args.set:
-        key, value = item.split("=", 1)
-        from .config import _parse
-        overrides[key.split(".", 1)[1]] = _parse(value)
-    Stage2Params.from_dict({**Stage2Params().as_dict(), **overrides, **stage2_flags(args)})
+    defaults = {s: {} for s in SECTIONS} | {"stage2": Stage2Params().as_dict()}
+    stage2_params(apply_overrides(defaults, args.set)["stage2"], args)
 
 
 def backbone_config(args, ckpt: dict) -> dict:

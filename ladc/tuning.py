@@ -318,9 +318,7 @@ def run_study(bb: Backbone, spec: StudySpec, log=print, state_dir: Path | None =
         lock = state_dir / f"{name}.lock"
         try:
             study, seed = load_or_create(name, storage, attrs, lock, spec.sampler_seed, worker)
-        except (ValueError, json.JSONDecodeError) as e:
-            if isinstance(e, LadcError):
-                raise
+        except (ValueError, json.JSONDecodeError):  # a journal line damaged after it was opened
             raise LadcError(torn_journal_message(journal_path(spec.storage, state_dir))) from None
         with FileLock(lock):  # one parent run per study, also with several processes
             parent_id = parent_run_for(name, exp)

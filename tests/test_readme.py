@@ -6,25 +6,19 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from conftest import ROOT
+from test_tune import free_port
 
 
 def readme_block() -> list[str]:
     text = (ROOT / "README.md").read_text()
     block = re.search(r"<!-- readme-test: begin -->\s*```bash\n(.*?)```", text, re.S).group(1)
     return [line for line in block.splitlines() if line.strip()]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
